@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -21,3 +22,14 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def shakespeare_path(shared_data: Path) -> Path:
     return shared_data / "tinyshakespeare" / "input.txt"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every test session writes under its own PILOT_BASE_DIR, never ~/.cache/pilot."""
+    base = tmp_path_factory.mktemp("pilot-base")
+    os.environ["PILOT_BASE_DIR"] = str(base)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    return base
