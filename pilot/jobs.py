@@ -1,0 +1,74 @@
+"""Celery wiring shared by every Pilot job queue (evaluation, tokenizer training).
+
+- ``make_celery(name, redis_url)``: a Celery app on the Redis broker with the
+  settings Pilot's jobs rely on: ``acks_late`` + ``reject_on_worker_lost`` (a job
+  whose worker died is redelivered, not lost), prefetch 1 (one job at a time per
+  worker), JSON only (never pickle), and every broker/result key under
+  ``pilot:celery:`` so Celery's keys sit beside Pilot's, never over them.
+- Job payloads are the protobuf messages of ``proto/pilot/v1/jobs.proto``,
+  carried as base64 text (``encode_job`` / ``decode_job``), so the schema stays
+  the one source of truth for what a job holds.
+- Task ids are derived from what the job is about (``evaluation_task_id(run,
+  round)``), so enqueueing the same job twice names the same task and the
+  worker's idempotency check finds it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import TypeVar
+
+from celery import Celery
+from google.protobuf.message import DecodeError as ProtobufDecodeError
+from google.protobuf.message import Message
+
+from pilot.errors import PilotError
+
+EVAL_QUEUE = "pilot.eval"
+TOKENIZER_QUEUE = "pilot.tokenizer"
+CELERY_KEY_PREFIX = "pilot:celery:"
+
+Job = TypeVar("Job", bound=Message)
+
+
+class BadJob(PilotError):
+    """A job payload that does not decode as its protobuf message."""
+
+
+def make_celery(name: str, redis_url: str) -> Celery:
+    app = Celery(name, broker=redis_url, backend=redis_url)
+    prefix = {"global_keyprefix": CELERY_KEY_PREFIX}
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        broker_transport_options={**prefix, "visibility_timeout": 3600},
+        result_backend_transport_options=prefix,
+        result_expires=7 * 24 * 3600,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        task_track_started=True,
+    )
+    return app
+
+
+def encode_job(job: Message) -> str:
+    return base64.b64encode(job.SerializeToString()).decode("ascii")
+
+
+def decode_job(message_type: type[Job], payload: str) -> Job:
+    try:
+        raw = base64.b64decode(payload.encode("ascii"), validate=True)
+        job = message_type()
+        job.ParseFromString(raw)
+    except (ProtobufDecodeError, binascii.Error, UnicodeEncodeError, AttributeError) as exc:
+        raise BadJob(f"job payload is not a valid {message_type.__name__}: {exc}") from None
+    return job
+
+
+def evaluation_task_id(run_id: str, round: int) -> str:
+    return f"eval:{run_id}:{round}"
