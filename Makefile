@@ -17,7 +17,7 @@ export WANDB_SILENT := true
 DATA ?=
 RUN_ARGS ?=
 
-.PHONY: help setup run test test-all proto bench lint clean
+.PHONY: help setup run test test-all proto bench clean
 
 help:
 	@echo "make run     train on one box (DATA=path/to/text to use local text)"
@@ -36,7 +36,8 @@ $(UV):
 setup: .venv/.synced
 
 run: setup
-	$(PY) -m pilot.cli run-default $(if $(DATA),--data "$(DATA)") $(RUN_ARGS)
+	$(PY) -m pilot.cli train --data "$(or $(DATA),shakespeare)" --preset d4 --steps 200 --batch-size 8 \
+		--seq-len 256 --eval-every 50 --eval-tokens 65536 $(RUN_ARGS)
 
 test: setup
 	$(PY) -m pytest -q

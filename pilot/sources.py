@@ -55,3 +55,14 @@ def tiny_shakespeare(cache_dir: Path | None = None, *, url: str = TINY_SHAKESPEA
     finally:
         tmp.unlink(missing_ok=True)
     return target
+
+
+NAMED_SOURCES = {"shakespeare": tiny_shakespeare}
+
+
+def resolve_named_source(data: str | Path) -> Path:
+    """``data`` as a path; a known name (``shakespeare``) that is not a local path is fetched on first use."""
+    path = Path(data).expanduser()
+    if not path.exists() and str(data) in NAMED_SOURCES:
+        return NAMED_SOURCES[str(data)]()
+    return path

@@ -1,9 +1,14 @@
-"""The typed config of ``pilot train`` (vanilla, non-federated training).
+"""The typed configs of training: the knobs every trainer shares, and ``pilot train``'s.
 
-One :class:`TrainConfig` is built once from CLI flags (and ``PILOT_*`` env
-vars) by :func:`pilot.config.build_config`; every problem is reported as a
-:class:`~pilot.errors.ConfigError` naming the flag. The federated trainer
-reuses the optimiser/schedule part of it.
+:class:`TrainingKnobs` holds what the vanilla loop and the federated trainers
+have in common (model preset, data, tokenizer, batch, inner optimiser, device);
+:class:`TrainConfig` adds what only ``pilot train`` has (steps, eval cadence,
+outputs, resume). The federated run's config (``pilot.run_config.RunConfig``)
+derives from the same knobs, so a flag means the same thing everywhere.
+
+Each config is built once by :func:`pilot.config.build_config` from flags,
+run-config and ``PILOT_*`` env vars; every problem is reported as a
+:class:`~pilot.errors.ConfigError` naming the key.
 """
 
 from __future__ import annotations
@@ -16,19 +21,17 @@ from pydantic import Field, model_validator
 from pilot.config import PilotSettings
 
 
-class TrainConfig(PilotSettings):
+class TrainingKnobs(PilotSettings):
     # --- model -------------------------------------------------------------
     preset: str = "d4"  # d<N> (dim = 64·N) or shakespeare-char
     seq_len: int = Field(256, gt=0)  # tokens per sequence (the model's context)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     # --- data --------------------------------------------------------------
-    data: Path  # a text file, or a directory of parquet shards (last = validation)
+    data: Path  # a text file, a directory of parquet shards (last = validation), or 'shakespeare'
     tokenizer: str = "byte"  # byte | char | PATH of a tokenizer artifact
-    # --- steps and batch ---------------------------------------------------
-    steps: int = Field(100, gt=0)  # optimiser steps
+    # --- batch ---------------------------------------------------------------
     batch_size: int = Field(8, gt=0)  # sequences per micro-batch per process
     grad_accum: int | None = Field(None, gt=0)  # micro-batches per step (default 1)
-    total_batch_tokens: int | None = Field(None, gt=0)  # alternatively: tokens per step, all processes
     # --- optimiser ---------------------------------------------------------
     optimizer: Literal["muon", "adamw"] = "muon"
     lr_scale: float = Field(1.0, gt=0)  # multiplies every learning rate
@@ -38,13 +41,18 @@ class TrainConfig(PilotSettings):
     warmdown_ratio: float = Field(0.2, ge=0, le=1)
     final_lr_frac: float = Field(0.0, ge=0, le=1)
     # --- evaluation ----------------------------------------------------------
-    eval_every: int = Field(0, ge=0)  # steps between val evals (0: start and end only)
     eval_tokens: int = Field(65_536, ge=0)  # val sample size in tokens (0: whole split)
     # --- runtime -----------------------------------------------------------
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     compile: bool = False
+
+
+class TrainConfig(TrainingKnobs):
+    steps: int = Field(100, gt=0)  # optimiser steps
+    total_batch_tokens: int | None = Field(None, gt=0)  # instead of grad-accum: tokens per step, all processes
+    eval_every: int = Field(0, ge=0)  # steps between val evals (0: start and end only)
     # --- outputs -----------------------------------------------------------
     out: Path | None = None  # run dir (default $PILOT_BASE_DIR/runs/train-<time>)
     resume: bool = False  # continue from the latest checkpoint in --out
