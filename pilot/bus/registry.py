@@ -69,8 +69,9 @@ _SPEC: tuple[tuple[type[Message], Stream, tuple[str, ...]], ...] = (
     (ev.RoundStarted, Stream.CONTROL, _ROUND_EVENT),
     (ev.StopRound, Stream.CONTROL, _ROUND_EVENT),
     (ev.RoundClosed, Stream.CONTROL, _ROUND_EVENT),
-    (ev.CheckpointPublished, Stream.CONTROL, ("round", "uri", "sha256")),
-    (ev.EvalCompleted, Stream.CONTROL, ("round", "status")),
+    # round 0 is the run's initial weights: checkpointed and evaluated like any round
+    (ev.CheckpointPublished, Stream.CONTROL, ("uri", "sha256")),
+    (ev.EvalCompleted, Stream.CONTROL, ("status",)),
     (ev.UpdateRejected, Stream.CONTROL, ("trainer_id", "round", "reason")),
     (ev.RunStopped, Stream.CONTROL, ()),
     (ev.TrainerHeartbeat, Stream.TELEMETRY, ("trainer_id",)),

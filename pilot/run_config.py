@@ -1,0 +1,128 @@
+"""The typed config of a federated run, from Flower run-config, ``pilot run`` flags and env.
+
+:class:`RunConfig` = the training knobs every trainer shares
+(:class:`~pilot.train_config.TrainingKnobs`) + the federation's own: rounds by
+time (``round-seconds``) or by steps (``round-steps``), ``min-trainers``, the
+outer optimiser (``fedavg`` | ``diloco``), the update encoding, where Redis and
+the run dir are. It is built once, in the coordinator, by :func:`run_config_from`
+and travels to trainers inside each round's Flower message, so a trainer never
+parses configuration on its own.
+
+Keys are Pilot's kebab-case ones; the seed project's snake_case keys
+(``num_rounds``, ``model_type='nanochat_d20'``, ``max_length``, ``lr``...) are
+accepted as documented there and translated by :data:`SEED_KEYS`. A key Pilot
+does not know, or a bad value, refuses the run with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from pilot.config import build_config, snake
+from pilot.errors import ConfigError
+from pilot.train_config import TrainingKnobs
+
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class RunConfig(TrainingKnobs):
+    run_id: str = "pilot"  # names the run's Redis keys and run dir
+    # --- rounds --------------------------------------------------------------
+    rounds: int = Field(3, gt=0)  # rounds to run (Flower's num-server-rounds)
+    round_seconds: float = Field(300.0, gt=0)  # a round's training budget on each trainer's own clock
+    round_steps: int = Field(0, ge=0)  # >0: rounds end after this many inner steps instead
+    min_trainers: int = Field(1, gt=0)  # a round starts once this many trainers are connected
+    trainer_wait_s: float = Field(600.0, gt=0)  # give up when min-trainers do not show up in time
+    reply_grace_s: float = Field(120.0, gt=0)  # after the round's budget: wait this long for replies
+    upload_margin_s: float = Field(1.0, ge=0)  # trainers stop this much before the budget, to upload
+    early_start_policy: Literal["none", "joiners"] = "joiners"  # end a round early when a trainer joins
+    # --- outer optimisation ----------------------------------------------------
+    outer: Literal["fedavg", "diloco"] = "fedavg"
+    outer_lr: float | None = Field(None, gt=0)  # default: 1.0 for fedavg, 0.7 for diloco
+    outer_momentum: float | None = Field(None, ge=0, lt=1)  # default: 0 for fedavg, 0.9 for diloco
+    max_update_norm: float = Field(1e4, gt=0)  # replies whose pseudo-gradient L2 norm exceeds this are rejected
+    # --- trainers ----------------------------------------------------------------
+    update_dtype: Literal["fp32", "bf16", "int8"] = "fp32"  # pseudo-gradient encoding on the wire
+    int8_block: int = Field(256, ge=0)  # int8 scale block (0: one scale per tensor)
+    keep_inner_optimizer: bool = True  # keep the inner optimiser state across rounds (else reset)
+    lease_seconds: float = Field(120.0, gt=0)  # a work unit's lease; renewed while training
+    progress_every_s: float = Field(2.0, gt=0)  # trainers publish progress this often
+    # --- services ------------------------------------------------------------------
+    redis_url: str = ""  # empty: $PILOT_REDIS_URL
+    out: Path | None = None  # run dir (default $PILOT_BASE_DIR/runs/<run-id>)
+    evaluate: bool = True  # enqueue an evaluation job per round checkpoint
+    coordinator_port: int = Field(0, ge=0, lt=65536)  # gRPC Coordinator API (0: any free port)
+    keep_checkpoints: int = Field(0, ge=0)  # prune older round checkpoints (0: keep all)
+    fresh: bool = False  # ignore earlier checkpoints of this run id and start at round 1
+    wandb_project: str = ""  # log to wandb under this project (offline unless a key is set)
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if not RUN_ID_PATTERN.match(self.run_id):
+            raise ValueError(f"run-id {self.run_id!r} must match {RUN_ID_PATTERN.pattern}")
+        return self
+
+    @property
+    def outer_lr_value(self) -> float:
+        if self.outer_lr is not None:
+            return self.outer_lr
+        return 0.7 if self.outer == "diloco" else 1.0
+
+    @property
+    def outer_momentum_value(self) -> float:
+        if self.outer_momentum is not None:
+            return self.outer_momentum
+        return 0.9 if self.outer == "diloco" else 0.0
+
+    def run_dir(self) -> Path:
+        from pilot.paths import run_dir
+
+        return (self.out or run_dir(self.run_id)).expanduser().resolve()
+
+
+def _model_type(value: Any) -> str:
+    """The seed's ``model_type`` (``nanochat_d20``) as a Pilot preset (``d20``)."""
+    text = str(value)
+    return text.removeprefix("nanochat_")
+
+
+# seed key -> (Pilot key, value translation)
+SEED_KEYS: dict[str, tuple[str, Any]] = {
+    "num_rounds": ("rounds", None),
+    "num_server_rounds": ("rounds", None),
+    "model_type": ("preset", _model_type),
+    "max_length": ("seq_len", None),
+    "gradient_accumulation_steps": ("grad_accum", None),
+    "lr": ("adamw_lr", None),
+    "dataset_name": ("data", None),
+    "max_steps": ("round_steps", None),
+}
+# seed keys Pilot accepts but has no use for (the value is checked for type only)
+IGNORED_SEED_KEYS = {"task_type": str, "num_shards": int}
+
+
+def translate_seed_keys(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Map the seed project's run-config keys onto Pilot's; Pilot's own keys pass through."""
+    out: dict[str, Any] = {}
+    for raw_key, value in values.items():
+        key = snake(str(raw_key))
+        if key in IGNORED_SEED_KEYS:
+            if not isinstance(value, IGNORED_SEED_KEYS[key]):
+                raise ConfigError(f"run-config: bad value for '{raw_key}' ({value!r}): expected {IGNORED_SEED_KEYS[key].__name__}")
+            continue
+        if key in SEED_KEYS:
+            target, convert = SEED_KEYS[key]
+            out[target] = convert(value) if convert else value
+        else:
+            out[raw_key] = value
+    return out
+
+
+def run_config_from(*layers: Mapping[str, Any] | None, source: str = "run-config") -> RunConfig:
+    """Build the run's config from layers (later wins), seed keys translated, env under them."""
+    return build_config(RunConfig, *(translate_seed_keys(layer or {}) for layer in layers), source=source)

@@ -1,0 +1,1 @@
+"""The coordinator service: Pilot's Flower ServerApp (rounds, aggregation, checkpoints, control API)."""
