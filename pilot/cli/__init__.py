@@ -28,6 +28,9 @@ _COMMAND_MODULES = (
     "tokenizer",
     "events",
     "redis",
+    "evaluator",
+    "report",
+    "control",
 )
 
 for _name in _COMMAND_MODULES:

@@ -141,3 +141,38 @@ def test_restarted_coordinator_resumes_with_the_same_state(small_text, tmp_path,
     assert all(torch.equal(sent[k], saved.model[k]) for k in saved.model)  # round 2 started from round 1's W
     started = [e for e in control_events(Bus(redis_client, run_id)) if isinstance(e, ev.RunStarted)]
     assert [s.resumed_from_round for s in started] == [0, 1]
+
+
+def test_grpc_status_and_stop_round_then_stop_run(small_text, tmp_path, redis_url, redis_client, run_id):
+    from pilot.grpc_util import make_channel
+    from pilot.v1 import services_pb2 as svc
+    from pilot.v1 import services_pb2_grpc as svc_grpc
+    from services.coordinator.control import read_address
+
+    cfg = config(run_id, small_text, tmp_path / "run", redis_url, rounds=5, **{"round-steps": 0,
+                 "round-seconds": 120, "min-trainers": 1})
+    bus = Bus(redis_client, run_id)
+    seen: dict[str, object] = {}
+
+    def operator() -> None:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not any(isinstance(e, ev.RoundStarted) for e in control_events(bus)):
+            time.sleep(0.1)
+        stub = svc_grpc.CoordinatorStub(make_channel(read_address(cfg.run_dir())))
+        time.sleep(1.0)
+        seen["status"] = stub.GetStatus(svc.GetStatusRequest(), timeout=10)
+        seen["wrong_round"] = stub.StopRound(svc.StopRoundRequest(round=4), timeout=10)
+        seen["stop_run"] = stub.StopRun(svc.StopRunRequest(detail="test over"), timeout=10)
+        seen["stop_round"] = stub.StopRound(svc.StopRoundRequest(detail="now"), timeout=10)
+
+    thread = threading.Thread(target=operator)
+    thread.start()
+    last = run_coordinator(InProcessGrid([3]), cfg)
+    thread.join()
+    status = seen["status"]
+    assert status.state == svc.RUN_STATE_TRAINING and status.round == 1 and status.trainers_alive == ["3"]
+    assert not seen["wrong_round"].accepted and "not open" in seen["wrong_round"].message
+    assert seen["stop_round"].accepted or seen["stop_run"].accepted
+    assert last == 1  # the run stopped after round 1 closed, not after 5 rounds
+    stopped = [e for e in control_events(bus) if isinstance(e, ev.RunStopped)][0]
+    assert stopped.reason == ev.STOP_REASON_RUN_STOPPING and stopped.last_round == 1
