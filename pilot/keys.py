@@ -22,6 +22,11 @@ Data ledger (see pilot/ledger.py):
     pilot:<run>:ledger:tokens:trainer  hash: trainer id -> tokens trained (all epochs)
     pilot:<run>:ledger:tokens:round    hash: round -> tokens trained
     pilot:<run>:ledger:receipts     hash: trainer id -> token of its last finished lease (idempotent retries)
+
+Evaluation results (see services/evaluator/results.py):
+    pilot:<run>:eval:results        hash: round -> JSON of the successful evaluation (written once, together
+                                    with its EvalCompleted on the control stream, by one Lua script)
+    pilot:<run>:eval:failed         hash: round -> JSON of the latest failed evaluation (cleared on success)
 """
 
 from __future__ import annotations
@@ -62,6 +67,13 @@ class LedgerKey(StrEnum):
     RECEIPTS = "receipts"
 
 
+class EvalKey(StrEnum):
+    """The keys of one run's evaluation results (suffixes under ``pilot:<run>:eval:``)."""
+
+    RESULTS = "results"
+    FAILED = "failed"
+
+
 def check_run_id(run_id: str) -> str:
     """Return ``run_id`` if it is safe inside a key name, else raise ConfigError."""
     if not isinstance(run_id, str) or not _RUN_ID_RE.match(run_id):
@@ -85,6 +97,11 @@ def ledger(run_id: str, which: LedgerKey) -> str:
     return f"{run_prefix(run_id)}:ledger:{LedgerKey(which).value}"
 
 
+def evaluation(run_id: str, which: EvalKey) -> str:
+    """Key of one of a run's evaluation-result hashes."""
+    return f"{run_prefix(run_id)}:eval:{EvalKey(which).value}"
+
+
 def ledger_keys(run_id: str) -> dict[LedgerKey, str]:
     """All ledger keys of a run, by role (the order Lua scripts receive them in)."""
     return {k: ledger(run_id, k) for k in LedgerKey}
@@ -92,4 +109,8 @@ def ledger_keys(run_id: str) -> dict[LedgerKey, str]:
 
 def run_keys(run_id: str) -> list[str]:
     """Every key a run owns (for cleanup: DEL these, then ZREM the run from RUNS)."""
-    return [stream(run_id, s) for s in Stream] + list(ledger_keys(run_id).values())
+    return (
+        [stream(run_id, s) for s in Stream]
+        + list(ledger_keys(run_id).values())
+        + [evaluation(run_id, k) for k in EvalKey]
+    )
