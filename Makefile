@@ -12,6 +12,7 @@ PY := .venv/bin/python
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export WANDB_SILENT := true
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
 # make run knobs (override on the command line: make run DATA=path/to/text.txt)
 DATA ?=
@@ -20,7 +21,7 @@ RUN_ARGS ?=
 .PHONY: help setup run test test-all proto bench clean
 
 help:
-	@echo "make run     train on one box (DATA=path/to/text to use local text)"
+	@echo "make run     federated training on one box (DATA=path/to/text to use local text)"
 	@echo "make test    run the test suite (what CI runs)"
 	@echo "make proto   regenerate the protobuf code from proto/"
 	@echo "make bench   run the benchmarks in bench/"
@@ -36,8 +37,8 @@ $(UV):
 setup: .venv/.synced
 
 run: setup
-	$(PY) -m pilot.cli train --data "$(or $(DATA),shakespeare)" --preset d4 --steps 200 --batch-size 8 \
-		--seq-len 256 --eval-every 50 --eval-tokens 65536 $(RUN_ARGS)
+	$(PY) -m pilot.cli run --trainers 2 --data "$(or $(DATA),shakespeare)" --preset d4 --rounds 3 \
+		--round-seconds 30 --run-config "batch-size=8 seq-len=128 eval-tokens=32768" $(RUN_ARGS)
 
 test: setup
 	$(PY) -m pytest -q

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pilot.config import build_config, snake
 from pilot.errors import ConfigError
@@ -43,8 +43,8 @@ class RunConfig(TrainingKnobs):
     early_start_policy: Literal["none", "joiners"] = "joiners"  # end a round early when a trainer joins
     # --- outer optimisation ----------------------------------------------------
     outer: Literal["fedavg", "diloco"] = "fedavg"
-    outer_lr: float | None = Field(None, gt=0)  # default: 1.0 for fedavg, 0.7 for diloco
-    outer_momentum: float | None = Field(None, ge=0, lt=1)  # default: 0 for fedavg, 0.9 for diloco
+    outer_lr: float = Field(0.0, ge=0)  # 0: the outer kind's default (1.0 fedavg, 0.7 diloco)
+    outer_momentum: float = Field(-1.0, ge=-1, lt=1)  # < 0: the kind's default (0 fedavg, 0.9 diloco)
     max_update_norm: float = Field(1e4, gt=0)  # replies whose pseudo-gradient L2 norm exceeds this are rejected
     # --- trainers ----------------------------------------------------------------
     update_dtype: Literal["fp32", "bf16", "int8"] = "fp32"  # pseudo-gradient encoding on the wire
@@ -61,6 +61,12 @@ class RunConfig(TrainingKnobs):
     fresh: bool = False  # ignore earlier checkpoints of this run id and start at round 1
     wandb_project: str = ""  # log to wandb under this project (offline unless a key is set)
 
+    @field_validator("out", "grad_accum", mode="before")
+    @classmethod
+    def _empty_means_default(cls, value: Any) -> Any:
+        # Flower run-config has no null: "" (paths) and 0 (counts) mean "not set"
+        return None if value in ("", 0) else value
+
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         if not RUN_ID_PATTERN.match(self.run_id):
@@ -69,13 +75,13 @@ class RunConfig(TrainingKnobs):
 
     @property
     def outer_lr_value(self) -> float:
-        if self.outer_lr is not None:
+        if self.outer_lr > 0:
             return self.outer_lr
         return 0.7 if self.outer == "diloco" else 1.0
 
     @property
     def outer_momentum_value(self) -> float:
-        if self.outer_momentum is not None:
+        if self.outer_momentum >= 0:
             return self.outer_momentum
         return 0.9 if self.outer == "diloco" else 0.0
 
@@ -106,11 +112,19 @@ SEED_KEYS: dict[str, tuple[str, Any]] = {
 IGNORED_SEED_KEYS = {"task_type": str, "num_shards": int}
 
 
+UNSET = ("", 0)  # how Flower run-config defaults say "not given" (it has no null)
+
+
 def translate_seed_keys(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Map the seed project's run-config keys onto Pilot's; Pilot's own keys pass through."""
+    """Map the seed project's run-config keys onto Pilot's; Pilot's own keys pass through.
+
+    A seed key left at its unset default ("" or 0, as pyproject lists them) is dropped.
+    """
     out: dict[str, Any] = {}
     for raw_key, value in values.items():
         key = snake(str(raw_key))
+        if (key in SEED_KEYS or key in IGNORED_SEED_KEYS) and value in UNSET and not isinstance(value, bool):
+            continue
         if key in IGNORED_SEED_KEYS:
             if not isinstance(value, IGNORED_SEED_KEYS[key]):
                 raise ConfigError(f"run-config: bad value for '{raw_key}' ({value!r}): expected {IGNORED_SEED_KEYS[key].__name__}")

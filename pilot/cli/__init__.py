@@ -31,6 +31,7 @@ _COMMAND_MODULES = (
     "evaluator",
     "report",
     "control",
+    "run",
 )
 
 for _name in _COMMAND_MODULES:

@@ -114,17 +114,20 @@ class RoundController:
             tokenizer_sha256=self.assets.tokenizer.sha256, run_config=self.cfg.as_run_config(),
         )
         weights = ArrayRecord(self.state.weights)
+        budget = self.cfg.round_seconds if not self.cfg.round_steps else self.cfg.trainer_wait_s
+        # a TRAIN message that no trainer picked up before the round's deadline expires unseen, so a
+        # busy or restarted node never trains a stale round after the fact
+        ttl = budget + self.cfg.reply_grace_s
         messages = [
             Message(content=RecordDict({WEIGHTS: weights, ORDER: order.to_record()}), dst_node_id=node,
-                    message_type=MessageType.TRAIN, group_id=f"{self.cfg.run_id}:{round}")
+                    message_type=MessageType.TRAIN, group_id=f"{self.cfg.run_id}:{round}", ttl=ttl)
             for node in nodes
         ]
         pending = {mid: node for mid, node in zip(self.grid.push_messages(messages), nodes)}
         log.info("round started", nodes=nodes, seconds=self.cfg.round_seconds, steps=self.cfg.round_steps)
         outcome = RoundOutcome(round=round)
         replies: list[Message] = []
-        budget = self.cfg.round_seconds if not self.cfg.round_steps else self.cfg.trainer_wait_s
-        deadline = started + budget + self.cfg.reply_grace_s
+        deadline = started + ttl
         stop_sent = False
         while pending and time.monotonic() < deadline:
             for reply in self.grid.pull_messages(list(pending)):
