@@ -57,6 +57,7 @@ class RoundOutcome:
     accepted: dict[str, TrainerReport] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)  # trainer or node -> reason
     missing: list[int] = field(default_factory=list)  # nodes that did not reply in time
+    empty: list[str] = field(default_factory=list)  # trainers stopped before their first step
     wall_s: float = 0.0
     stop_reason: str = ""
 
@@ -179,6 +180,9 @@ class RoundController:
                 trainer, report = TrainerReport.from_records(content.metric_records[REPORT],
                                                              content.config_records[TRAINER])
                 node = trainer
+                if report.steps == 0:  # stopped before training: nothing to aggregate, nothing wrong
+                    outcome.empty.append(trainer)
+                    continue
                 encoded = from_records(content.array_records[UPDATE], content.config_records[UPDATE_META])
                 delta = self.codec.decode(encoded)
                 validate_update(delta, self.shapes, self.limits, weights_norm=weights_norm)
@@ -211,7 +215,7 @@ class RoundController:
         self.control.update(tokens_total=self.state.tokens, last_checkpoint_uri=str(path))
         self.on_checkpoint(round, str(path), sha256, self.state.tokens)
         log.info("round closed", accepted=sorted(outcome.accepted), rejected=outcome.rejected,
-                 missing=outcome.missing, tokens=accumulator.total_tokens, mean_loss=round_or_nan(mean_loss))
+                 missing=outcome.missing, empty=outcome.empty, tokens=accumulator.total_tokens, mean_loss=round_or_nan(mean_loss))
 
 
 def checkpoint_bytes(path: Path) -> int:

@@ -37,6 +37,18 @@ log = get_logger(__name__)
 app = ServerApp()
 
 BIND_ENV = "PILOT_COORDINATOR_BIND"  # interface of the gRPC API (default 127.0.0.1; 0.0.0.0 in containers)
+PORT_ENV = "PILOT_COORDINATOR_PORT"  # its port when run-config coordinator-port is 0 (default: any free port)
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password (what may be written to logs and events)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _redis_url(cfg: RunConfig, stack: ExitStack) -> str:
@@ -82,8 +94,9 @@ def run_coordinator(grid: Grid, cfg: RunConfig) -> int:
         control = RunControl(cfg.run_id)
         service = CoordinatorService(control, bus, alive=lambda: [str(n) for n in grid.get_node_ids()])
         bind = os.environ.get(BIND_ENV, "127.0.0.1")
+        port = cfg.coordinator_port or int(os.environ.get(PORT_ENV, "0"))
         server = start_grpc_server([(svc_grpc.add_CoordinatorServicer_to_server, service)],
-                                   f"{bind}:{cfg.coordinator_port}", tls=TLSConfig.from_env())
+                                   f"{bind}:{port}", tls=TLSConfig.from_env())
         stack.callback(server.stop, 2.0)
         write_address(assets.run_dir, f"127.0.0.1:{server.port}" if bind in ("0.0.0.0", "::") else
                       f"{bind}:{server.port}")
@@ -91,7 +104,7 @@ def run_coordinator(grid: Grid, cfg: RunConfig) -> int:
         bus.publish(ev.RunStarted(
             model=cfg.preset, strategy=cfg.outer, min_trainers=cfg.min_trainers, num_rounds=cfg.rounds,
             round_duration_s=cfg.round_seconds, resumed_from_round=resumed_from,
-            config_json=json.dumps(cfg.as_run_config(), sort_keys=True),
+            config_json=json.dumps({**cfg.as_run_config(), "redis-url": redact_url(cfg.redis_url)}, sort_keys=True),
         ))
         if state.checkpoint is None:  # round 0: the initial weights, evaluated like any round
             path, sha256 = save_round(cfg, assets, state, extra={"initial": True})

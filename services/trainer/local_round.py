@@ -25,6 +25,7 @@ checkpoint of the inner optimiser state and inner step) and
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -158,7 +159,8 @@ def run_local_round(
     order: RoundOrder, global_state: dict[str, torch.Tensor], who: TrainerIdentity, *, received_at: float
 ) -> LocalResult:
     cfg = parse_config(RunConfig, order.run_config, source="round order")
-    client = redis_client(cfg.redis_url or None)
+    # a trainer's own PILOT_REDIS_URL wins: the coordinator's address for Redis may not be this machine's
+    client = redis_client(os.environ.get("PILOT_REDIS_URL") or cfg.redis_url or None)
     bus, ledger = Bus(client, cfg.run_id), Ledger(client, cfg.run_id)
     device = pick_device(who.device or cfg.device)
     autocast_dtype = resolve_dtype(cfg.dtype, device)

@@ -67,14 +67,14 @@ def test_killed_trainer_does_not_stall_and_round_stop_closes_early(small_text: P
         wait_for(lambda: any(isinstance(e, ev.TrainerProgress) and e.trainer_id == "t2" for e in events(bus)),
                  240, "trainer t2 training in round 1")
         federation.kill_node(2)
-        wait_for(lambda: any(isinstance(e, ev.RoundStarted) and e.round == 2 for e in events(bus)), 240,
-                 "round 2 to start")
+        wait_for(lambda: {e.trainer_id for e in events(bus) if isinstance(e, ev.TrainerProgress) and e.round == 2}
+                 == {"t0", "t1"}, 300, "t0 and t1 training in round 2")
         stop = subprocess.run([sys.executable, "-m", "pilot.cli", "round", "stop", "--run-dir",
                                str(tmp_path / "run")], capture_output=True, text=True, timeout=60, cwd=REPO)
         status = federation.wait(flower_run, timeout=300)
+        all_events = events(bus)
     assert status.succeeded, status.details
     assert stop.returncode == 0, stop.stderr
-    all_events = events(bus)
     started = {e.round: e for e in all_events if isinstance(e, ev.RoundStarted)}
     closed = {e.round: e for e in all_events if isinstance(e, ev.RoundClosed)}
     assert len(started[1].participants) == 3
@@ -104,8 +104,8 @@ def test_restarted_coordinator_resumes_at_the_next_round(small_text: Path, tmp_p
         before = (round1 / "model.safetensors").read_bytes()
         second = federation.submit(values, via="api")
         status = federation.wait(second, timeout=400)
+        all_events = events(bus)
     assert status.succeeded, status.details
-    all_events = events(bus)
     started = [e for e in all_events if isinstance(e, ev.RunStarted)]
     assert [s.resumed_from_round for s in started] == [0, 1]
     assert [r for r, _ in list_checkpoints(checkpoints_dir(run_dir))] == [0, 1, 2, 3]
