@@ -50,6 +50,9 @@ PARQUET_SUFFIX = ".parquet"
 TEXT_SUFFIX = ".txt"
 PARQUET_BATCH_ROWS = 1024  # ~4 MB of FineWeb text per batch handed to Rust
 
+ProgressCallback = Callable[[str, int, "int | None"], object]
+"""``progress(phase, done, total)`` as training advances (``total`` is None when unknown)."""
+
 
 @dataclass(frozen=True)
 class TextSource:
@@ -74,7 +77,7 @@ def train_bpe(
     pattern: str = GPT4_SPLIT,
     max_chars: int | None = None,
     doc_cap: int | None = None,
-    progress: bool = True,
+    progress: bool | ProgressCallback = True,
     threads: int | None = None,
 ) -> BPETokenizer:
     """Train a BPE tokenizer with ``vocab_size`` ids, the 9 special tokens included.
@@ -83,6 +86,8 @@ def train_bpe(
     ``TextSource`` / iterable of them (directories expand, see ``discover``).
     ``doc_cap`` keeps the first N characters of each document (a text file is
     one document); ``max_chars`` stops after N characters in total.
+    ``progress``: True for a rich bar on stderr, or a :data:`ProgressCallback`
+    (e.g. a service publishing progress); what it raises aborts training.
     """
     n_specials = len(NANOCHAT_SPECIALS)
     if vocab_size < 256 + n_specials:
@@ -339,12 +344,15 @@ def rust_errors() -> Iterator[None]:
 
 
 class _Progress:
-    """A rich progress bar on stderr, one task at a time (a no-op when disabled)."""
+    """A rich progress bar on stderr, or a ProgressCallback, one phase at a time
+    (a no-op when disabled)."""
 
-    def __init__(self, *, enabled: bool) -> None:
+    def __init__(self, *, enabled: bool | ProgressCallback) -> None:
         self._bar: Any = None
         self._task: Any = None
-        if enabled:
+        self._notify: ProgressCallback | None = enabled if callable(enabled) else None
+        self._phase: tuple[str, int | None] = ("", None)
+        if enabled is True:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -363,14 +371,19 @@ class _Progress:
     def start(self, description: str, *, total: int | None) -> None:
         if self._bar is not None:
             self._task = self._bar.add_task(description, total=total)
+        self._phase = (description, total)
+        if self._notify is not None:
+            self._notify(description, 0, total)
 
     def advance_to(self, completed: int) -> None:
         if self._bar is not None and self._task is not None:
             self._bar.update(self._task, completed=completed)
+        if self._notify is not None:
+            self._notify(self._phase[0], completed, self._phase[1])
 
     def callback(self, position: Callable[..., int]) -> Callable[..., None] | None:
         """A callback for Rust that maps its arguments to the bar position."""
-        if self._bar is None:
+        if self._bar is None and self._notify is None:
             return None
         return lambda *args: self.advance_to(position(*args))
 

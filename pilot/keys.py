@@ -27,6 +27,13 @@ Evaluation results (see services/evaluator/results.py):
     pilot:<run>:eval:results        hash: round -> JSON of the successful evaluation (written once, together
                                     with its EvalCompleted on the control stream, by one Lua script)
     pilot:<run>:eval:failed         hash: round -> JSON of the latest failed evaluation (cleared on success)
+
+Tokenizer training jobs (see services/tokenizer/status.py; global, not per run):
+    pilot:tokenizer:job:<job id>    hash: state (queued/running/ok/failed), phase, percent, message, reason,
+                                    sha256 (tokenizer identity), artifact_sha256 (tokenizer.json bytes),
+                                    vocab_size, input, out, elapsed_s, attempts, updated_at
+    The job id is derived from the job's (input, vocab, max_chars, doc_cap, out). No run key has a
+    ``job:`` part, so even a run called "tokenizer" cannot collide with these.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ from pilot.errors import ConfigError
 PREFIX = "pilot"
 RUNS = f"{PREFIX}:runs"
 """Global sorted set: run id -> first start (unix seconds); written by Bus.publish(RunStarted)."""
+TOKENIZER_JOB_PREFIX = f"{PREFIX}:tokenizer:job:"
+"""Global: prefix of the tokenizer training jobs' status hashes (see :func:`tokenizer_job`)."""
 
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -100,6 +109,13 @@ def ledger(run_id: str, which: LedgerKey) -> str:
 def evaluation(run_id: str, which: EvalKey) -> str:
     """Key of one of a run's evaluation-result hashes."""
     return f"{run_prefix(run_id)}:eval:{EvalKey(which).value}"
+
+
+def tokenizer_job(job_id: str) -> str:
+    """Key of one tokenizer training job's status hash (``job_id`` as :func:`check_run_id` allows)."""
+    if not isinstance(job_id, str) or not _RUN_ID_RE.match(job_id):
+        raise ConfigError(f"invalid tokenizer job id {job_id!r}: use 1-64 characters from [A-Za-z0-9._-]")
+    return f"{TOKENIZER_JOB_PREFIX}{job_id}"
 
 
 def ledger_keys(run_id: str) -> dict[LedgerKey, str]:
