@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
@@ -186,7 +186,8 @@ class RoundController:
                 encoded = from_records(content.array_records[UPDATE], content.config_records[UPDATE_META])
                 delta = self.codec.decode(encoded)
                 validate_update(delta, self.shapes, self.limits, weights_norm=weights_norm)
-                tokens = validate_metrics({"tokens": report.tokens})
+                tokens = validate_metrics({"tokens": report.tokens, "mean_loss": report.mean_loss,
+                                           "train_seconds": report.train_seconds})
                 accumulator.add(delta, tokens)
                 outcome.accepted[trainer] = report
             except (BadUpdate, KeyError) as exc:
@@ -202,6 +203,8 @@ class RoundController:
         mean_loss = sum(r.mean_loss * r.tokens for r in reports) / max(sum(r.tokens for r in reports), 1)
         path, sha256 = save_round(self.cfg, self.assets, self.state, extra={
             "trainers": sorted(outcome.accepted), "rejected": outcome.rejected, "mean_train_loss": mean_loss,
+            "reports": {name: asdict(report) for name, report in outcome.accepted.items()},
+            "wall_s": time.monotonic() - (self.control.snapshot().round_started_at or time.monotonic()),
         })
         self.bus.publish(ev.RoundClosed(
             round=round, trainers=sorted(outcome.accepted),
