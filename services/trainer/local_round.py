@@ -88,14 +88,28 @@ def default_work_dir(run_id: str, trainer_id: str) -> Path:
     return paths.base_dir() / "trainers" / run_id / trainer_id
 
 
-def load_run_tokenizer(cfg: RunConfig, expected_sha256: str) -> Tokenizer:
-    """The run's tokenizer from its run dir, checked against the coordinator's sha256."""
+TOKENIZER_ADDR_ENV = "PILOT_TOKENIZER_ADDR"  # the tokenizer service, for trainers without the run dir
+
+
+def load_run_tokenizer(cfg: RunConfig, expected_sha256: str, work_dir: Path) -> Tokenizer:
+    """The run's tokenizer, checked against the coordinator's sha256.
+
+    From the run dir when this machine shares it; otherwise fetched from the
+    tokenizer service (``$PILOT_TOKENIZER_ADDR``) into the work dir's cache.
+    """
     location = cfg.run_dir() / "tokenizer"
-    if not location.exists():
+    if location.exists():
+        return load_tokenizer(location, expected_sha256=expected_sha256)
+    address = os.environ.get(TOKENIZER_ADDR_ENV)
+    if not address:
         raise TokenizerError(
-            f"the run's tokenizer is not at {location}; this trainer needs the run dir on a shared path"
+            f"the run's tokenizer is not at {location} and ${TOKENIZER_ADDR_ENV} names no tokenizer service"
         )
-    return load_tokenizer(location, expected_sha256=expected_sha256)
+    from pilot.grpc_util import TLSConfig
+    from pilot.tokenizer_client import fetch_tokenizer
+
+    fetched = fetch_tokenizer(address, cache_dir=work_dir / "tokenizer-cache", tls=TLSConfig.from_env())
+    return load_tokenizer(fetched, expected_sha256=expected_sha256)
 
 
 class UnitFeed:
@@ -166,7 +180,7 @@ def run_local_round(
     autocast_dtype = resolve_dtype(cfg.dtype, device)
     seed_everything(cfg.seed + order.round * 1009 + who.node_id % 1009)
 
-    tokenizer = load_run_tokenizer(cfg, order.tokenizer_sha256)
+    tokenizer = load_run_tokenizer(cfg, order.tokenizer_sha256, who.work_dir)
     shard_dir = resolve_data(who.data_path or resolve_named_source(cfg.data), paths.data_dir() / "imported")
     model_config = model_config_for(cfg.preset, tokenizer, cfg.seq_len, cfg.dropout)
     model = build_model(model_config, device=device)
