@@ -86,6 +86,7 @@ def run_coordinator(grid: Grid, cfg: RunConfig) -> int:
     bind_run(run_id=cfg.run_id)
     with ExitStack() as stack:
         redis_url = _redis_url(cfg, stack)
+        cfg = cfg.model_copy(update={"redis_url": redis_url})  # trainers learn it from their round order
         client = redis_client(redis_url)
         bus, ledger = Bus(client, cfg.run_id), Ledger(client, cfg.run_id)
         assets = prepare_run(cfg, ledger)
