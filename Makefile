@@ -41,7 +41,7 @@ run: setup
 		--round-seconds 30 --run-config "batch-size=8 seq-len=128 eval-tokens=32768" $(RUN_ARGS)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-all: setup
 	$(PY) -m pytest -q -m ""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -33,3 +35,33 @@ def isolated_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     return base
+
+
+def _docker_compose_available() -> bool:
+    for command in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(command[0]):
+            probe = subprocess.run([*command, "version"], capture_output=True, check=False, timeout=30)
+            if probe.returncode == 0:
+                return True
+    return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests of hardware or tools this machine lacks (a GPU, docker compose) are deselected, not skipped:
+    they check the same code on machines that have them, and never hide a missing feature here."""
+    wanted = {item.get_closest_marker(name) and name for item in items for name in ("gpu", "docker")} - {None}
+    unavailable: set[str] = set()
+    if "gpu" in wanted:
+        import torch
+
+        if not torch.cuda.is_available():
+            unavailable.add("gpu")
+    if "docker" in wanted and not _docker_compose_available():
+        unavailable.add("docker")
+    if not unavailable:
+        return
+    keep = [item for item in items if not any(item.get_closest_marker(name) for name in unavailable)]
+    dropped = [item for item in items if item not in keep]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep

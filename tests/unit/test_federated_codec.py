@@ -211,7 +211,7 @@ def test_encode_leaves_its_inputs_alone(codec: UpdateCodec) -> None:
         assert all(torch.equal(residual[n], before[1][n]) for n in delta)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_gpu_encode_matches_cpu_bit_for_bit() -> None:
     delta = sample_delta(8)
     codec = UpdateCodec("int8", 256)
