@@ -24,7 +24,7 @@ from typing import Any
 
 from pilot import paths
 from pilot.bus import Bus, redis_client
-from pilot.errors import PilotError
+from pilot.errors import DataError, PilotError
 from pilot.eventlog import EventLogWriter, event_log_path
 from pilot.flower import LocalFederation, app_run_config_defaults
 from pilot.live import RunMonitor
@@ -112,7 +112,12 @@ def run_local(
     """Run ``cfg`` federated across ``trainers`` local trainers; returns the summary."""
     from pilot.report import write_report
 
-    resolve_named_source(cfg.data)  # fail fast (e.g. no internet for 'shakespeare') before starting anything
+    # fail fast (no internet for 'shakespeare', a missing file) before starting anything, and hand the
+    # services an absolute path: they do not share this process's working directory
+    data = resolve_named_source(cfg.data).expanduser().resolve()
+    if not data.exists():
+        raise DataError(f"data path {cfg.data} does not exist")
+    cfg = cfg.model_copy(update={"data": data})
     run_dir = cfg.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     log_dir = run_dir / "logs"
