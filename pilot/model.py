@@ -102,18 +102,19 @@ def norm(x: Tensor) -> Tensor:
 
 def rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0,
                   device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-    """cos and sin of shape (1, seq_len, 1, head_dim/2), fp32, for apply_rotary."""
+    """(cos, signed sin), each (1, seq_len, 1, head_dim), fp32: cos = [c, c], sin = [s, -s] over the halves."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-    return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat([cos, cos], -1)[None, :, None, :], torch.cat([sin, -sin], -1)[None, :, None, :]
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the two halves of x (B, T, H, D) by position; cos/sin are (1, T, 1, D/2)."""
-    d = x.size(-1) // 2
-    x1, x2 = x[..., :d], x[..., d:]
+    """Rotate x (B, T, H, D) by position, pairing dim i with dim i + D/2 (nanochat's half-split layout):
+    [x1, x2] → [x1·c + x2·s, x2·c − x1·s], computed as x·cos + roll(x, D/2)·sin (no slices: a cheaper
+    backward on CPU than split + cat)."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+    return torch.addcmul(x * cos, torch.roll(x, x.size(-1) // 2, dims=-1), sin)
 
 
 class CausalSelfAttention(nn.Module):
@@ -171,25 +172,44 @@ class ParamGroups(NamedTuple):
 
 
 class GPT(nn.Module):
+    """The model. ``GPT(cfg)`` leaves the weights uninitialised: call ``init_weights()`` (or use
+    ``build_model``), or load a state dict. Unwrap DDP/compile wrappers before ``param_groups()``."""
+
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.config = cfg
+        # _weight=empty skips nn.Embedding's own N(0, 1) fill: init_weights() or a state dict provides the
+        # values, and on the meta device that fill would import torch._dynamo (~5-10 s on a small CPU).
         self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            "wte": nn.Embedding(cfg.vocab_size, cfg.n_embd, _weight=torch.empty(cfg.vocab_size, cfg.n_embd)),
             "h": nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
         })
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.embed_drop = nn.Dropout(cfg.dropout)
-        cos, sin = rotary_tables(cfg.sequence_len, cfg.head_dim, device=self.lm_head.weight.device)
-        self.register_buffer("cos", cos, persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
+        # Computed on the CPU and moved: ops on meta tensors would import torch._dynamo (seconds).
+        device = self.lm_head.weight.device
+        cos, sin = rotary_tables(cfg.sequence_len, cfg.head_dim, device=torch.device("cpu"))
+        self.register_buffer("cos", cos.to(device), persistent=False)
+        self.register_buffer("sin", sin.to(device), persistent=False)
+
+    def to_empty(self, *, device: torch.device | str | int | None, recurse: bool = True) -> GPT:
+        """Materialise a meta-device model (weights uninitialised: call ``init_weights`` or load a
+        state dict); the rotary tables, which no state dict carries, are recomputed here."""
+        super().to_empty(device=device, recurse=recurse)
+        self._reset_rotary()
+        return self
+
+    @torch.no_grad()
+    def _reset_rotary(self) -> None:
+        cos, sin = rotary_tables(self.config.sequence_len, self.config.head_dim, device=self.cos.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """nanochat init (deterministic given the torch seed): N(0, 1) embedding; block matrices
         N(0, std) with std = min(1, sqrt(fan_out/fan_in)) / sqrt(fan_in); zero lm_head and the two output
-        projections of every block (each block starts as the identity); rotary tables recomputed on the
-        weights' device (they are garbage after a meta-device build + to_empty)."""
+        projections of every block (each block starts as the identity)."""
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         for p in self.param_groups().matrix:
             fan_out, fan_in = p.shape
@@ -198,9 +218,7 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
-        cos, sin = rotary_tables(self.config.sequence_len, self.config.head_dim, device=self.lm_head.weight.device)
-        self.cos.copy_(cos)
-        self.sin.copy_(sin)
+        self._reset_rotary()
 
     def param_groups(self) -> ParamGroups:
         """Every parameter, split the way the optimisers need it (raises if any is left over)."""
@@ -299,7 +317,10 @@ def parameter_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
 
 
 def build_model(cfg: GPTConfig, device: str | torch.device = "cpu") -> GPT:
-    """Build on the meta device, materialise on ``device`` and initialise (the one way to get a fresh model)."""
-    model = meta_model(cfg).to_empty(device=device)
+    """A freshly initialised model on ``device`` (to load a checkpoint instead: build ``GPT(cfg)`` under
+    ``torch.device(device)`` and ``load_state_dict(state, assign=True)``). Built directly on the device:
+    a meta-device pass would cost a fresh process seconds of one-time torch imports."""
+    with torch.device(device):
+        model = GPT(cfg)
     model.init_weights()
     return model

@@ -7,7 +7,8 @@ What this module does:
       unembedding, AdamW lrs scaled by (n_embd / 768) ** -0.5.
     - kind "adamw": one AdamW over every parameter at ``lr`` (the Flower Tiny-Shakespeare example).
 - ``Muon``: SGD momentum (Nesterov) whose update is orthogonalised by a quintic Newton–Schulz iteration
-  (bf16 on CUDA, fp32 elsewhere) and scaled by max(1, rows/cols) ** 0.5. Under DDP the gradients are already
+  (bf16 on CUDA, fp32 elsewhere; one batched iteration per distinct matrix shape) and scaled by
+  max(1, rows/cols) ** 0.5. Under DDP the gradients are already
   all-reduced before ``step()``, so every rank runs this same optimiser on the same gradients: one code path
   with and without a process group.
 - ``build_optimizers(model, cfg)``: the optimiser list; every param group records its ``initial_lr``.

@@ -11,11 +11,13 @@ from pilot.errors import ConfigError
 from pilot.model import (
     GPT,
     GPTConfig,
+    apply_rotary,
     build_model,
     count_parameters,
     meta_model,
     parameter_shapes,
     preset_config,
+    rotary_tables,
 )
 
 TINY = GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=4, n_kv_head=4, n_embd=32)
@@ -55,9 +57,14 @@ def test_parameter_shapes_are_on_meta_and_named_like_the_state_dict() -> None:
     assert parameter_shapes(TINY) == {name: tuple(t.shape) for name, t in tiny.state_dict().items()}
 
 
-def test_state_dict_holds_only_parameters() -> None:
-    model = build_model(TINY)
+def test_state_dict_holds_only_parameters_and_a_meta_build_loads_it_exactly() -> None:
+    model = randomised(TINY).eval()
     assert set(model.state_dict()) == {name for name, _ in model.named_parameters()}
+    loaded = meta_model(TINY).to_empty(device="cpu")  # the checkpoint-loading path: no init_weights
+    loaded.load_state_dict(model.state_dict())
+    idx = torch.randint(0, TINY.vocab_size, (2, TINY.sequence_len))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(idx), model(idx), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("preset", "dim", "heads", "layers"), [
@@ -91,6 +98,22 @@ def test_bad_config_field_raises_config_error_naming_it(field: str, value: objec
     fields = TINY.to_dict() | {field: value}
     with pytest.raises(ConfigError, match=field):
         GPTConfig(**fields)
+
+
+def test_rotary_rotates_half_split_pairs_and_scores_depend_only_on_relative_position() -> None:
+    T, D = 12, 8
+    cos, sin = rotary_tables(T, D)
+    q = torch.randn(1, 1, 1, D).expand(1, T, 1, D)  # the same query/key vector at every position
+    k = torch.randn(1, 1, 1, D).expand(1, T, 1, D)
+    rq, rk = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    theta = 3 * 10000.0 ** (-torch.arange(0, D, 2) / D)  # angles at position 3
+    x1, x2 = q[0, 3, 0, : D // 2], q[0, 3, 0, D // 2:]
+    expected = torch.cat([x1 * theta.cos() + x2 * theta.sin(), x2 * theta.cos() - x1 * theta.sin()])
+    torch.testing.assert_close(rq[0, 3, 0], expected)
+    torch.testing.assert_close(rq.norm(dim=-1), q.norm(dim=-1))  # a rotation
+    scores = rq[0, :, 0] @ rk[0, :, 0].T
+    torch.testing.assert_close(scores[5, 2], scores[9, 6])  # same offset 3, same score
+    assert not torch.allclose(scores[5, 2], scores[5, 4])
 
 
 def test_changing_a_future_token_never_changes_earlier_logits() -> None:

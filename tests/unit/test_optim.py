@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -213,7 +213,7 @@ def test_loading_mismatched_optimizer_state_names_the_key() -> None:
         load_optimizer_state_tensors(optimizers, {"bogus": torch.zeros(1)})
 
 
-def test_muon_under_ddp_matches_single_process(tmp_path: "os.PathLike[str]") -> None:
+def test_muon_under_ddp_matches_single_process(tmp_path: Path) -> None:
     """Same optimiser code path with a process group: DDP(world 1, gloo) steps exactly like plain training."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
