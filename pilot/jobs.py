@@ -72,3 +72,23 @@ def decode_job(message_type: type[Job], payload: str) -> Job:
 
 def evaluation_task_id(run_id: str, round: int) -> str:
     return f"eval:{run_id}:{round}"
+
+
+def retrying_task(
+    app: Celery, name: str, *, transient: tuple[type[BaseException], ...], max_retries: int,
+    backoff_s: int = 2, backoff_max_s: int = 120,
+):  # type: ignore[no-untyped-def]
+    """Register a bound task that retries ``transient`` errors with jittered exponential backoff.
+
+    Every other error is the task's own to record (as a failed result with its reason): Pilot's jobs
+    never retry a permanent failure.
+    """
+    return app.task(
+        name=name,
+        bind=True,
+        autoretry_for=transient,
+        retry_backoff=backoff_s,
+        retry_backoff_max=backoff_max_s,
+        retry_jitter=True,
+        max_retries=max_retries,
+    )

@@ -11,25 +11,14 @@ Library errors (``PilotError``) become one line on stderr and exit code 2.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from pilot.errors import PilotError
+from pilot.cli.common import user_errors
 
 data_app = typer.Typer(help="Training data: import text, download FineWeb-EDU, inspect shards.", no_args_is_help=True)
-
-
-@contextmanager
-def _user_errors() -> Iterator[None]:
-    try:
-        yield
-    except PilotError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=2) from None
 
 
 def _size(num_bytes: int) -> str:
@@ -56,7 +45,7 @@ def import_text_command(
     """Turn local text into parquet shards (the last shard is validation)."""
     from pilot.data import import_text
 
-    with _user_errors():
+    with user_errors():
         summary = import_text(
             files,
             out,
@@ -85,7 +74,7 @@ def download_command(
     from pilot.paths import data_dir
 
     target = out if out is not None else data_dir() / "fineweb-edu"
-    with _user_errors():
+    with user_errors():
         paths = download_fineweb(target, shards, base_url=base_url or FINEWEB_BASE_URL)
     total = sum(p.stat().st_size for p in paths)
     typer.echo(f"{len(paths)} shards ({_size(total)}) in {target}; validation: {paths[-1].name}")
@@ -99,7 +88,7 @@ def info_command(directory: Annotated[Path, typer.Argument(help="a shard directo
 
     from pilot.data import dataset_info
 
-    with _user_errors():
+    with user_errors():
         info = dataset_info(directory)
     table = Table(title=str(info.directory))
     for column in ("shard", "split", "rows", "row groups", "file", "text"):

@@ -41,7 +41,7 @@ from celery import Celery
 from pilot.bus import RedisUnavailable, redis_client
 from pilot.bus.connection import REDIS_URL_ENV
 from pilot.errors import ConfigError, PilotError, RetryableError
-from pilot.jobs import EVAL_QUEUE, BadJob, decode_job, make_celery
+from pilot.jobs import BadJob, EVAL_QUEUE, decode_job, make_celery, retrying_task
 from pilot.log import get_logger
 from pilot.v1.jobs_pb2 import EvaluateCheckpointJob
 
@@ -179,15 +179,8 @@ def create_app(redis_url: str, *, max_retries: int = DEFAULT_MAX_RETRIES) -> Cel
     """The evaluator's Celery app with the ``evaluate_checkpoint`` task registered."""
     app = make_celery("pilot.evaluator", redis_url)
 
-    @app.task(
-        name=EVALUATE_TASK,
-        bind=True,
-        autoretry_for=TRANSIENT_ERRORS,
-        retry_backoff=RETRY_BACKOFF_S,
-        retry_backoff_max=RETRY_BACKOFF_MAX_S,
-        retry_jitter=True,
-        max_retries=max_retries,
-    )
+    @retrying_task(app, EVALUATE_TASK, transient=TRANSIENT_ERRORS, max_retries=max_retries,
+                   backoff_s=RETRY_BACKOFF_S, backoff_max_s=RETRY_BACKOFF_MAX_S)
     def evaluate_checkpoint(self: Any, payload: str) -> dict[str, Any]:
         return current_worker().run_task(payload, attempt=self.request.retries, max_retries=self.max_retries)
 

@@ -46,7 +46,7 @@ from pilot.bus import RedisUnavailable, redis_client
 from pilot.bus.connection import REDIS_URL_ENV
 from pilot.errors import ConfigError, PilotError, RetryableError
 from pilot.hashing import sha256_file
-from pilot.jobs import TOKENIZER_QUEUE, BadJob, decode_job, make_celery
+from pilot.jobs import BadJob, TOKENIZER_QUEUE, decode_job, make_celery, retrying_task
 from pilot.log import get_logger
 from pilot.paths import base_dir, tokenizer_dir
 from pilot.tokenizer import read_artifact
@@ -208,15 +208,8 @@ def create_app(redis_url: str, *, max_retries: int = DEFAULT_MAX_RETRIES) -> Cel
     """The tokenizer's Celery app with the ``train_tokenizer`` task registered."""
     app = make_celery("pilot.tokenizer", redis_url)
 
-    @app.task(
-        name=TRAIN_TASK,
-        bind=True,
-        autoretry_for=TRANSIENT_ERRORS,
-        retry_backoff=RETRY_BACKOFF_S,
-        retry_backoff_max=RETRY_BACKOFF_MAX_S,
-        retry_jitter=True,
-        max_retries=max_retries,
-    )
+    @retrying_task(app, TRAIN_TASK, transient=TRANSIENT_ERRORS, max_retries=max_retries,
+                   backoff_s=RETRY_BACKOFF_S, backoff_max_s=RETRY_BACKOFF_MAX_S)
     def train_tokenizer(self: Any, payload: str) -> dict[str, Any]:
         return current_worker().run_task(
             payload, task_id=str(self.request.id), attempt=self.request.retries, max_retries=self.max_retries
