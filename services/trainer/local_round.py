@@ -75,6 +75,7 @@ class HeldUnit:
     offset: int  # absolute token offset inside the unit reached so far
     tokens: int = 0  # targets trained in this unit this round
     done: bool = False
+    settled: bool = False  # completed in the ledger already
 
 
 @dataclass
@@ -115,8 +116,9 @@ def load_run_tokenizer(cfg: RunConfig, expected_sha256: str, work_dir: Path) -> 
 class UnitFeed:
     """Batches from leased work units, one unit after another, keeping each unit's position."""
 
-    def __init__(self, ledger: Ledger, cfg: RunConfig, who: TrainerIdentity, tokenizer: Tokenizer, shard_dir: Path):
-        self.ledger, self.cfg, self.who = ledger, cfg, who
+    def __init__(self, ledger: Ledger, cfg: RunConfig, who: TrainerIdentity, tokenizer: Tokenizer, shard_dir: Path,
+                 round: int):
+        self.ledger, self.cfg, self.who, self.round = ledger, cfg, who, round
         self.tokenizer, self.shard_dir = tokenizer, shard_dir
         self.held: list[HeldUnit] = []
         self.exhausted = False
@@ -125,8 +127,17 @@ class UnitFeed:
         while True:
             lease = self.ledger.lease(self.who.trainer_id, self.cfg.lease_seconds)
             if lease is None:
-                self.exhausted = True
-                return
+                # Units are normally completed when the round's reply goes out. When nothing is leasable
+                # and this trainer holds finished units, complete them now: the epoch can then advance,
+                # so a small dataset never ends a time-budgeted round early.
+                finished = [unit for unit in self.held if unit.done and not unit.settled]
+                if not finished:
+                    self.exhausted = True
+                    return
+                for unit in finished:
+                    self.ledger.complete(unit.lease, unit.tokens, self.round)
+                    unit.settled = True
+                continue
             unit = HeldUnit(lease=lease, offset=lease.offset)
             self.held.append(unit)
             shard, row_group = resolve_unit(self.shard_dir, lease.unit)
@@ -141,18 +152,20 @@ class UnitFeed:
 
     def renew(self) -> None:
         for unit in self.held:
-            unit.lease = self.ledger.renew(unit.lease, self.cfg.lease_seconds)
+            if not unit.settled:
+                unit.lease = self.ledger.renew(unit.lease, self.cfg.lease_seconds)
 
-    def settle(self, round: int) -> int:
-        """Complete finished units, release the others at their offset; returns units completed."""
-        completed = 0
+    def settle(self) -> int:
+        """Complete finished units, release the others at their offset; returns units completed this round."""
         for unit in self.held:
+            if unit.settled:
+                continue
             if unit.done:
-                self.ledger.complete(unit.lease, unit.tokens, round)
-                completed += 1
+                self.ledger.complete(unit.lease, unit.tokens, self.round)
             else:
-                self.ledger.release_partial(unit.lease, unit.offset, unit.tokens, round)
-        return completed
+                self.ledger.release_partial(unit.lease, unit.offset, unit.tokens, self.round)
+            unit.settled = True
+        return sum(1 for unit in self.held if unit.done)
 
 
 def _restore_inner(work_dir: Path, model_config: dict, optimizers: list, keep: bool) -> int:
@@ -189,7 +202,7 @@ def run_local_round(
     inner_step = _restore_inner(who.work_dir, model_config.to_dict(), optimizers, cfg.keep_inner_optimizer)
     schedule = LRSchedule(total_steps=NO_PLANNED_END, warmup_steps=cfg.warmup_steps, warmdown_ratio=0.0)
 
-    feed = UnitFeed(ledger, cfg, who, tokenizer, shard_dir)
+    feed = UnitFeed(ledger, cfg, who, tokenizer, shard_dir, order.round)
     batches = iter(feed)
     watcher = bus.stop_watcher(order.round, order.since_id)
     deadline = received_at + max(order.seconds - cfg.upload_margin_s, 0.0)
@@ -230,7 +243,7 @@ def run_local_round(
                 tokens_per_s=tokens / max(now - started, 1e-9), loss=stats.loss, elapsed_s=now - started,
             ))
     train_seconds = time.monotonic() - started
-    units_completed = feed.settle(order.round)
+    units_completed = feed.settle()
 
     delta = pseudo_gradient(global_state, {k: v.detach().cpu() for k, v in model.state_dict().items()})
     block = (cfg.int8_block or None) if cfg.update_dtype == "int8" else None

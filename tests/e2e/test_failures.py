@@ -53,15 +53,17 @@ def run_values(run_id: str, data: Path, out: Path, redis_url: str, **extra: obje
     return flower_values(cfg)
 
 
-def test_killed_trainer_does_not_stall_and_round_stop_closes_early(small_text: Path, tmp_path: Path) -> None:
+def test_killed_trainer_does_not_stall_and_round_stop_closes_early(shakespeare_path: Path, tmp_path: Path) -> None:
+    # the whole text and a d2 model, so no trainer runs out of leasable data before it is killed or stopped
     with EmbeddedRedis(tmp_path / "redis") as redis_server, LocalFederation(
         APP_DIR, 3, log_dir=tmp_path / "logs",
         node_configs=[{"trainer-id": f"t{i}"} for i in range(3)],
         env={"PILOT_REDIS_URL": redis_server.url}, node_env=[{"OMP_NUM_THREADS": "1"}] * 3,
     ) as federation:
         bus = Bus(redis_client(redis_server.url), "e2e-kill")
-        values = run_values("e2e-kill", small_text, tmp_path / "run", redis_server.url, rounds=2,
-                            **{"round-seconds": 25.0, "reply-grace-s": 60.0, "min-trainers": 2,
+        values = run_values("e2e-kill", shakespeare_path, tmp_path / "run", redis_server.url, rounds=2,
+                            preset="d2", **{"seq-len": 64, "batch-size": 8,
+                                            "round-seconds": 25.0, "reply-grace-s": 60.0, "min-trainers": 2,
                                "lease-seconds": 10.0, "early-start-policy": "none"})
         flower_run = federation.submit(values, via="api")
         wait_for(lambda: any(isinstance(e, ev.TrainerProgress) and e.trainer_id == "t2" for e in events(bus)),
