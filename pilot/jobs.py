@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import TypeVar
+import os
+import socket
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from celery import Celery
 from google.protobuf.message import DecodeError as ProtobufDecodeError
@@ -30,6 +34,7 @@ TOKENIZER_QUEUE = "pilot.tokenizer"
 CELERY_KEY_PREFIX = "pilot:celery:"
 
 Job = TypeVar("Job", bound=Message)
+W = TypeVar("W")
 
 
 class BadJob(PilotError):
@@ -92,3 +97,48 @@ def retrying_task(
         retry_jitter=True,
         max_retries=max_retries,
     )
+
+
+class WorkerSlot(Generic[W]):
+    """A job worker process's one worker object and Celery app.
+
+    The task body reaches the worker with :meth:`get` (built from the environment on first use, as
+    under ``celery -A``); ``run_worker`` installs the one it built with :meth:`set`; the module-level
+    ``app`` that ``celery -A`` looks up comes from :meth:`app`.
+    """
+
+    def __init__(self, build_from_env: Callable[[], W]) -> None:
+        self._build = build_from_env
+        self._lock = threading.Lock()
+        self._worker: W | None = None
+        self._app: Celery | None = None
+
+    def get(self) -> W:
+        with self._lock:
+            if self._worker is None:
+                self._worker = self._build()
+            return self._worker
+
+    def set(self, worker: W | None) -> None:
+        with self._lock:
+            self._worker = worker
+
+    def app(self, build: Callable[[], tuple[W, Celery]]) -> Celery:
+        """The app (and its worker) built once by ``build`` — from the environment, so bad config fails at start."""
+        with self._lock:
+            if self._app is None:
+                self._worker, self._app = build()
+            return self._app
+
+
+def celery_worker_argv(queue: str, *, name: str, concurrency: int = 1) -> list[str]:
+    """``celery worker`` arguments: solo pool for one job at a time (threads beyond), no gossip/mingle/heartbeat."""
+    return [
+        "worker",
+        "--queues", queue,
+        "--pool", "solo" if concurrency == 1 else "threads",
+        "--concurrency", str(concurrency),
+        "--hostname", f"{name}-{os.getpid()}@{socket.gethostname()}",
+        "--loglevel", os.environ.get("PILOT_LOG_LEVEL", "INFO"),
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ]

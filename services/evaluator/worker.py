@@ -28,8 +28,6 @@ decode is logged and dropped (it names no run to record it under).
 from __future__ import annotations
 
 import os
-import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +39,15 @@ from celery import Celery
 from pilot.bus import RedisUnavailable, redis_client
 from pilot.bus.connection import REDIS_URL_ENV
 from pilot.errors import ConfigError, PilotError, RetryableError
-from pilot.jobs import BadJob, EVAL_QUEUE, decode_job, make_celery, retrying_task
+from pilot.jobs import (
+    BadJob,
+    EVAL_QUEUE,
+    WorkerSlot,
+    celery_worker_argv,
+    decode_job,
+    make_celery,
+    retrying_task,
+)
 from pilot.log import get_logger
 from pilot.v1.jobs_pb2 import EvaluateCheckpointJob
 
@@ -162,17 +168,12 @@ class EvalWorker:
         self.client.close()
 
 
-_state: dict[str, Any] = {}  # "worker": EvalWorker, "app": Celery (the `celery -A` entry)
-_state_lock = threading.Lock()
+_slot: WorkerSlot[EvalWorker] = WorkerSlot(lambda: EvalWorker(WorkerConfig.from_env()))
 
 
 def current_worker() -> EvalWorker:
     """The process's :class:`EvalWorker` (built from the environment when ``run_worker`` did not)."""
-    with _state_lock:
-        if "worker" not in _state:
-            _state["worker"] = EvalWorker(WorkerConfig.from_env())
-        worker: EvalWorker = _state["worker"]
-        return worker
+    return _slot.get()
 
 
 def create_app(redis_url: str, *, max_retries: int = DEFAULT_MAX_RETRIES) -> Celery:
@@ -193,34 +194,24 @@ def __getattr__(name: str) -> Any:
     The worker state is built at the same time, so a missing ``$PILOT_EVAL_DATA`` fails at start.
     """
     if name in ("app", "celery"):
-        with _state_lock:
-            if "app" not in _state:
-                config = WorkerConfig.from_env()
-                _state["worker"] = EvalWorker(config)
-                _state["app"] = create_app(config.redis_url, max_retries=config.max_retries)
-            return _state["app"]
+        return _slot.app(_app_from_env)
     raise AttributeError(name)
+
+
+def _app_from_env() -> tuple[EvalWorker, Celery]:
+    config = WorkerConfig.from_env()
+    return EvalWorker(config), create_app(config.redis_url, max_retries=config.max_retries)
 
 
 def worker_argv(config: WorkerConfig) -> list[str]:
     """The ``celery worker`` arguments for ``config``."""
-    pool = "solo" if config.concurrency == 1 else "threads"
-    return [
-        "worker",
-        "--queues", config.queue,
-        "--pool", pool,
-        "--concurrency", str(config.concurrency),
-        "--hostname", f"evaluator-{os.getpid()}@{socket.gethostname()}",
-        "--loglevel", os.environ.get("PILOT_LOG_LEVEL", "INFO"),
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-    ]
+    return celery_worker_argv(config.queue, name="evaluator", concurrency=config.concurrency)
 
 
 def run_worker(config: WorkerConfig) -> None:
     """Run the evaluation worker (and the gRPC service when configured) until SIGTERM / Ctrl-C."""
     worker = EvalWorker(config)
-    with _state_lock:
-        _state["worker"] = worker
+    _slot.set(worker)
     app = create_app(config.redis_url, max_retries=config.max_retries)
     server = None
     if config.grpc_address:
@@ -236,5 +227,4 @@ def run_worker(config: WorkerConfig) -> None:
         if server is not None:
             server.stop(grace_s=2.0)
         worker.close()
-        with _state_lock:
-            _state.pop("worker", None)
+        _slot.set(None)

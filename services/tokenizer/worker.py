@@ -32,8 +32,6 @@ once, never retried, and the worker goes on with the next job.
 from __future__ import annotations
 
 import os
-import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +44,15 @@ from pilot.bus import RedisUnavailable, redis_client
 from pilot.bus.connection import REDIS_URL_ENV
 from pilot.errors import ConfigError, PilotError, RetryableError
 from pilot.hashing import sha256_file
-from pilot.jobs import BadJob, TOKENIZER_QUEUE, decode_job, make_celery, retrying_task
+from pilot.jobs import (
+    BadJob,
+    TOKENIZER_QUEUE,
+    WorkerSlot,
+    celery_worker_argv,
+    decode_job,
+    make_celery,
+    retrying_task,
+)
 from pilot.log import get_logger
 from pilot.paths import base_dir, tokenizer_dir
 from pilot.tokenizer import read_artifact
@@ -191,17 +197,12 @@ def _artifact_matches(out: Path, sha256: str) -> bool:
         return False
 
 
-_state: dict[str, Any] = {}  # "worker": TokenizerWorker, "app": Celery (the `celery -A` entry)
-_state_lock = threading.Lock()
+_slot: WorkerSlot[TokenizerWorker] = WorkerSlot(lambda: TokenizerWorker(WorkerConfig.from_env()))
 
 
 def current_worker() -> TokenizerWorker:
     """The process's :class:`TokenizerWorker` (built from the environment when ``run_worker`` did not)."""
-    with _state_lock:
-        if "worker" not in _state:
-            _state["worker"] = TokenizerWorker(WorkerConfig.from_env())
-        worker: TokenizerWorker = _state["worker"]
-        return worker
+    return _slot.get()
 
 
 def create_app(redis_url: str, *, max_retries: int = DEFAULT_MAX_RETRIES) -> Celery:
@@ -221,30 +222,24 @@ def create_app(redis_url: str, *, max_retries: int = DEFAULT_MAX_RETRIES) -> Cel
 def __getattr__(name: str) -> Any:
     """``celery -A services.tokenizer.worker``: the app, built from the environment on first access."""
     if name in ("app", "celery"):
-        with _state_lock:
-            if "app" not in _state:
-                config = WorkerConfig.from_env()
-                _state["worker"] = TokenizerWorker(config)
-                _state["app"] = create_app(config.redis_url, max_retries=config.max_retries)
-            return _state["app"]
+        return _slot.app(_app_from_env)
     raise AttributeError(name)
 
 
+def _app_from_env() -> tuple[TokenizerWorker, Celery]:
+    config = WorkerConfig.from_env()
+    return TokenizerWorker(config), create_app(config.redis_url, max_retries=config.max_retries)
+
+
 def worker_argv(config: WorkerConfig) -> list[str]:
-    """The ``celery worker`` arguments: one job at a time (solo pool), no gossip/mingle/heartbeat."""
-    return [
-        "worker", "--queues", config.queue, "--pool", "solo", "--concurrency", "1",
-        "--hostname", f"tokenizer-{os.getpid()}@{socket.gethostname()}",
-        "--loglevel", os.environ.get("PILOT_LOG_LEVEL", "INFO"),
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-    ]
+    """The ``celery worker`` arguments for ``config``."""
+    return celery_worker_argv(config.queue, name="tokenizer", concurrency=1)
 
 
 def run_worker(config: WorkerConfig) -> None:
     """Run the tokenizer worker until SIGTERM / Ctrl-C."""
     worker = TokenizerWorker(config)
-    with _state_lock:
-        _state["worker"] = worker
+    _slot.set(worker)
     app = create_app(config.redis_url, max_retries=config.max_retries)
     log.info("tokenizer worker starting", queue=config.queue, out_dir=str(config.out_dir),
              threads=config.threads or "all")
@@ -252,5 +247,4 @@ def run_worker(config: WorkerConfig) -> None:
         app.worker_main(worker_argv(config))
     finally:
         worker.close()
-        with _state_lock:
-            _state.pop("worker", None)
+        _slot.set(None)
