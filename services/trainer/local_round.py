@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,14 +36,25 @@ from pilot import paths
 from pilot.bus import Bus, redis_client
 from pilot.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from pilot.config import parse_config
-from pilot.data import iter_unit_batches, resolve_data
-from pilot.data.shards import resolve_unit
+from pilot.data import resolve_data
 from pilot.errors import CheckpointError, TokenizerError
-from pilot.federated import EncodedUpdate, UpdateCodec, load_residual, pseudo_gradient, save_residual
-from pilot.ledger import Lease, Ledger
+from pilot.federated import (
+    EncodedUpdate,
+    UpdateCodec,
+    load_residual,
+    pseudo_gradient,
+    save_residual,
+)
+from pilot.ledger import Ledger
 from pilot.log import get_logger
 from pilot.model import build_model
-from pilot.optim import LRSchedule, apply_lr, build_optimizers, load_optimizer_state_tensors, optimizer_state_tensors
+from pilot.optim import (
+    LRSchedule,
+    apply_lr,
+    build_optimizers,
+    load_optimizer_state_tensors,
+    optimizer_state_tensors,
+)
 from pilot.protocol import RoundOrder, TrainerReport
 from pilot.run_config import RunConfig
 from pilot.runtime import pick_device, resolve_dtype, seed_everything
@@ -52,6 +62,7 @@ from pilot.sources import resolve_named_source
 from pilot.tokenizer import Tokenizer, load_tokenizer
 from pilot.train import model_config_for, optim_config_from, train_step
 from pilot.v1 import events_pb2 as ev
+from services.trainer.feeds import HeldUnit, UnitFeed
 
 log = get_logger(__name__)
 
@@ -67,15 +78,6 @@ class TrainerIdentity:
     work_dir: Path
     data_path: Path | None = None  # this node's own data (deployment partitions)
     device: str | None = None  # overrides the run's device on this node
-
-
-@dataclass
-class HeldUnit:
-    lease: Lease
-    offset: int  # absolute token offset inside the unit reached so far
-    tokens: int = 0  # targets trained in this unit this round
-    done: bool = False
-    settled: bool = False  # completed in the ledger already
 
 
 @dataclass
@@ -111,61 +113,6 @@ def load_run_tokenizer(cfg: RunConfig, expected_sha256: str, work_dir: Path) -> 
 
     fetched = fetch_tokenizer(address, cache_dir=work_dir / "tokenizer-cache", tls=TLSConfig.from_env())
     return load_tokenizer(fetched, expected_sha256=expected_sha256)
-
-
-class UnitFeed:
-    """Batches from leased work units, one unit after another, keeping each unit's position."""
-
-    def __init__(self, ledger: Ledger, cfg: RunConfig, who: TrainerIdentity, tokenizer: Tokenizer, shard_dir: Path,
-                 round: int):
-        self.ledger, self.cfg, self.who, self.round = ledger, cfg, who, round
-        self.tokenizer, self.shard_dir = tokenizer, shard_dir
-        self.held: list[HeldUnit] = []
-        self.exhausted = False
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            lease = self.ledger.lease(self.who.trainer_id, self.cfg.lease_seconds)
-            if lease is None:
-                # Units are normally completed when the round's reply goes out. When nothing is leasable
-                # and this trainer holds finished units, complete them now: the epoch can then advance,
-                # so a small dataset never ends a time-budgeted round early.
-                finished = [unit for unit in self.held if unit.done and not unit.settled]
-                if not finished:
-                    self.exhausted = True
-                    return
-                for unit in finished:
-                    self.ledger.complete(unit.lease, unit.tokens, self.round)
-                    unit.settled = True
-                continue
-            unit = HeldUnit(lease=lease, offset=lease.offset)
-            self.held.append(unit)
-            shard, row_group = resolve_unit(self.shard_dir, lease.unit)
-            for batch in iter_unit_batches(
-                shard, row_group, self.tokenizer, self.cfg.batch_size, self.cfg.seq_len, start_offset=lease.offset
-            ):
-                unit.offset = batch.next_offset
-                unit.tokens += batch.num_tokens
-                if batch.num_tokens:
-                    yield batch.inputs, batch.targets
-            unit.done = True
-
-    def renew(self) -> None:
-        for unit in self.held:
-            if not unit.settled:
-                unit.lease = self.ledger.renew(unit.lease, self.cfg.lease_seconds)
-
-    def settle(self) -> int:
-        """Complete finished units, release the others at their offset; returns units completed this round."""
-        for unit in self.held:
-            if unit.settled:
-                continue
-            if unit.done:
-                self.ledger.complete(unit.lease, unit.tokens, self.round)
-            else:
-                self.ledger.release_partial(unit.lease, unit.offset, unit.tokens, self.round)
-            unit.settled = True
-        return sum(1 for unit in self.held if unit.done)
 
 
 def _restore_inner(work_dir: Path, model_config: dict, optimizers: list, keep: bool) -> int:
