@@ -4,7 +4,8 @@ Flower 1.41 starts a fresh ClientApp process for every message, so everything
 that must outlive one round lives in the trainer's work dir (see
 ``local_round``). The node's identity and overrides come from its
 ``--node-config``: ``trainer-id`` (default ``node-<id>``), ``work-dir``,
-``data-path`` (this node's own data) and ``device``.
+``data-path`` (this node's own data), ``device``, ``num-devices`` (DDP ranks), and
+Flower's ``partition-id`` / ``num-partitions``.
 """
 
 from __future__ import annotations
@@ -29,12 +30,16 @@ def trainer_identity(context: Context, run_id: str) -> TrainerIdentity:
     work_dir = node_config.get("work-dir")
     data_path = node_config.get("data-path")
     device = node_config.get("device")
+    partition_id, num_partitions = node_config.get("partition-id"), node_config.get("num-partitions")
     return TrainerIdentity(
         trainer_id=trainer_id,
         node_id=int(context.node_id),
         work_dir=Path(str(work_dir)) if work_dir else default_work_dir(run_id, trainer_id),
         data_path=Path(str(data_path)) if data_path else None,
         device=str(device) if device else None,
+        partition_id=int(partition_id) if partition_id is not None else None,
+        num_partitions=int(num_partitions) if num_partitions is not None else None,
+        num_devices=int(node_config.get("num-devices", 1)),
     )
 
 

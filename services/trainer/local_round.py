@@ -78,6 +78,9 @@ class TrainerIdentity:
     work_dir: Path
     data_path: Path | None = None  # this node's own data (deployment partitions)
     device: str | None = None  # overrides the run's device on this node
+    partition_id: int | None = None  # Flower's node-config partition-id: this node's slice of the data
+    num_partitions: int | None = None  # Flower's node-config num-partitions
+    num_devices: int = 1  # devices (DDP ranks) this trainer trains on
 
 
 @dataclass
