@@ -358,6 +358,7 @@ class EvalCompleted(_message.Message):
     FAILED_REASON_FIELD_NUMBER: _builtins.int
     CHECKPOINT_SHA256_FIELD_NUMBER: _builtins.int
     EVAL_S_FIELD_NUMBER: _builtins.int
+    VAL_LOSS_FIELD_NUMBER: _builtins.int
     schema_version: _builtins.int
     run_id: _builtins.str
     round: _builtins.int
@@ -374,6 +375,8 @@ class EvalCompleted(_message.Message):
     """which checkpoint was scored"""
     eval_s: _builtins.float
     """evaluation time"""
+    val_loss: _builtins.float
+    """mean cross-entropy per validation token, nats (perplexity = exp(val_loss))"""
     def __init__(
         self,
         *,
@@ -387,10 +390,11 @@ class EvalCompleted(_message.Message):
         failed_reason: _builtins.str = ...,
         checkpoint_sha256: _builtins.str = ...,
         eval_s: _builtins.float = ...,
+        val_loss: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bpb", b"bpb", "checkpoint_sha256", b"checkpoint_sha256", "eval_s", b"eval_s", "failed_reason", b"failed_reason", "round", b"round", "run_id", b"run_id", "sample", b"sample", "schema_version", b"schema_version", "status", b"status", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bpb", b"bpb", "checkpoint_sha256", b"checkpoint_sha256", "eval_s", b"eval_s", "failed_reason", b"failed_reason", "round", b"round", "run_id", b"run_id", "sample", b"sample", "schema_version", b"schema_version", "status", b"status", "tokens", b"tokens", "val_loss", b"val_loss"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

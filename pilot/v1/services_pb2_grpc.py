@@ -522,3 +522,179 @@ class Evaluator:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class TrainerHostStub:
+    """---------------------------------------------------------------- TrainerHost
+
+    A node's long-lived trainer process (services/trainer/host.py), served on a Unix socket in the
+    trainer's work dir. The thin Flower ClientApp hands it each round; weights and the encoded update
+    travel as safetensors files in the work dir, never in these messages.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Describe = channel.unary_unary(
+                '/pilot.v1.TrainerHost/Describe',
+                request_serializer=pilot_dot_v1_dot_services__pb2.DescribeHostRequest.SerializeToString,
+                response_deserializer=pilot_dot_v1_dot_services__pb2.HostInfo.FromString,
+                _registered_method=True)
+        self.RunRound = channel.unary_unary(
+                '/pilot.v1.TrainerHost/RunRound',
+                request_serializer=pilot_dot_v1_dot_services__pb2.RunRoundRequest.SerializeToString,
+                response_deserializer=pilot_dot_v1_dot_services__pb2.RunRoundReply.FromString,
+                _registered_method=True)
+        self.Shutdown = channel.unary_unary(
+                '/pilot.v1.TrainerHost/Shutdown',
+                request_serializer=pilot_dot_v1_dot_services__pb2.ShutdownHostRequest.SerializeToString,
+                response_deserializer=pilot_dot_v1_dot_services__pb2.ShutdownHostReply.FromString,
+                _registered_method=True)
+
+
+class TrainerHostServicer:
+    """---------------------------------------------------------------- TrainerHost
+
+    A node's long-lived trainer process (services/trainer/host.py), served on a Unix socket in the
+    trainer's work dir. The thin Flower ClientApp hands it each round; weights and the encoded update
+    travel as safetensors files in the work dir, never in these messages.
+    """
+
+    def Describe(self, request, context):
+        """Who this host is: a client reuses it only for the same run, work dir and code.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunRound(self, request, context):
+        """Train one round; answers when the round ends. A client that goes away mid-round ends the host.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Shutdown(self, request, context):
+        """Exit now; a round in progress is abandoned (its leases expire).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_TrainerHostServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Describe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Describe,
+                    request_deserializer=pilot_dot_v1_dot_services__pb2.DescribeHostRequest.FromString,
+                    response_serializer=pilot_dot_v1_dot_services__pb2.HostInfo.SerializeToString,
+            ),
+            'RunRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunRound,
+                    request_deserializer=pilot_dot_v1_dot_services__pb2.RunRoundRequest.FromString,
+                    response_serializer=pilot_dot_v1_dot_services__pb2.RunRoundReply.SerializeToString,
+            ),
+            'Shutdown': grpc.unary_unary_rpc_method_handler(
+                    servicer.Shutdown,
+                    request_deserializer=pilot_dot_v1_dot_services__pb2.ShutdownHostRequest.FromString,
+                    response_serializer=pilot_dot_v1_dot_services__pb2.ShutdownHostReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pilot.v1.TrainerHost', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pilot.v1.TrainerHost', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class TrainerHost:
+    """---------------------------------------------------------------- TrainerHost
+
+    A node's long-lived trainer process (services/trainer/host.py), served on a Unix socket in the
+    trainer's work dir. The thin Flower ClientApp hands it each round; weights and the encoded update
+    travel as safetensors files in the work dir, never in these messages.
+    """
+
+    @staticmethod
+    def Describe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pilot.v1.TrainerHost/Describe',
+            pilot_dot_v1_dot_services__pb2.DescribeHostRequest.SerializeToString,
+            pilot_dot_v1_dot_services__pb2.HostInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pilot.v1.TrainerHost/RunRound',
+            pilot_dot_v1_dot_services__pb2.RunRoundRequest.SerializeToString,
+            pilot_dot_v1_dot_services__pb2.RunRoundReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Shutdown(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pilot.v1.TrainerHost/Shutdown',
+            pilot_dot_v1_dot_services__pb2.ShutdownHostRequest.SerializeToString,
+            pilot_dot_v1_dot_services__pb2.ShutdownHostReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
