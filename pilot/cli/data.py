@@ -5,6 +5,11 @@
 - ``pilot data download --shards N [--out DIR]`` fetches FineWeb-EDU shards
   (resumable; default ``$PILOT_BASE_DIR/data/fineweb-edu``).
 - ``pilot data info DIR`` lists shards, rows, row groups and bytes.
+- ``pilot data split --parts N --out DIR [--val-fraction 0.1] TEXT`` cuts TEXT
+  as the shakespeare task does (first 90 % train, last 10 % validation) and
+  writes the train part's N contiguous partitions ``part_00000.txt …``, the
+  validation part ``val.txt`` and ``split.json``: one partition per SuperNode
+  (``--node-config "data-path='DIR/part_00000.txt'"``).
 
 Library errors (``PilotError``) become one line on stderr and exit code 2.
 """
@@ -109,6 +114,27 @@ def info_command(directory: Annotated[Path, typer.Argument(help="a shard directo
         f"{len(info.shards)} shards ({len(info.train)} train + 1 validation), {info.num_rows:,} rows, "
         f"{info.num_row_groups} row groups, {_size(info.file_bytes)} on disk"
     )
+
+
+@data_app.command("split")
+def split_command(
+    text: Annotated[Path, typer.Argument(help="the UTF-8 text to split (e.g. Tiny Shakespeare's input.txt)")],
+    parts: Annotated[int, typer.Option("--parts", help="contiguous train partitions (one per SuperNode)", min=1)],
+    out: Annotated[Path, typer.Option("--out", help="output directory")],
+    val_fraction: Annotated[float, typer.Option(help="fraction held out at the end for validation")] = 0.1,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace partition files already in --out")] = False,
+) -> None:
+    """Write the train part's contiguous partitions and the validation part (the shakespeare task's split)."""
+    from pilot.data.split import write_split
+
+    with user_errors():
+        summary = write_split(text, out, parts, val_fraction=val_fraction, overwrite=overwrite)
+    for path in summary.parts:
+        typer.echo(f"{path}  ({_size(path.stat().st_size)})")
+    typer.echo(f"{summary.val}  ({_size(summary.val.stat().st_size)}, validation)")
+    typer.echo(f"{len(summary.parts)} partitions of {summary.train_chars:,} train characters; "
+               f"{summary.val_chars:,} validation characters. Point each SuperNode at one: "
+               f"--node-config \"data-path='{summary.parts[0]}'\"")
 
 
 def register(app: typer.Typer) -> None:

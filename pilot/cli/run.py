@@ -2,8 +2,10 @@
 
 Starts the embedded Redis, a Flower SuperLink with ``--trainers`` SuperNodes,
 the evaluator worker and the event log, submits the run, shows live progress,
-and ends with a summary table and ``<run_dir>/report.md``. Flags cover the
-common knobs; ``--run-config "key=value ..."`` sets any other key of the run
+and ends with a summary table (train loss, val BPB, val loss, perplexity) and
+``<run_dir>/report.md``. ``--task shakespeare`` is the Flower NanoGPT
+Tiny-Shakespeare reproduction (see pilot.run_config.TASK_DEFAULTS); flags and
+``--run-config`` keys override the task's defaults. Flags cover the common knobs; ``--run-config "key=value ..."`` sets any other key of the run
 config (the same keys ``flwr run --run-config`` takes). Ctrl-C stops every
 process it started.
 """
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 
 def run_command(
     trainers: Annotated[int, typer.Option(help="local trainers (SuperNodes) to start", min=1)] = 2,
+    task: Annotated[Optional[str], typer.Option(help="pretrain | shakespeare (sets that task's defaults)")] = None,
     data: Annotated[Optional[str], typer.Option(help="text file, shard dir, or 'shakespeare' [shakespeare]")] = None,
     preset: Annotated[Optional[str], typer.Option(help="model preset d<N> | shakespeare-char")] = None,
     tokenizer: Annotated[Optional[str], typer.Option(help="byte | char | PATH of a tokenizer artifact")] = None,
@@ -51,7 +54,7 @@ def run_command(
         configure(service="pilot-run")
         extra = parse_config_args([run_config]) if run_config else {}
         flags = {
-            "data": data, "preset": preset, "tokenizer": tokenizer, "rounds": rounds,
+            "task": task, "data": data, "preset": preset, "tokenizer": tokenizer, "rounds": rounds,
             "round-seconds": round_seconds, "round-steps": round_steps, "outer": outer,
             "update-dtype": update_dtype, "device": device, "out": out, "fresh": fresh or None,
         }
@@ -65,17 +68,22 @@ def run_command(
 
 
 def _print_summary(result: LocalRunResult) -> None:
+    import math
+
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"pilot run: {result.run_dir.name}")
-    for column in ("round", "trainers", "tokens", "train loss", "val BPB", "wall s"):
+    for column in ("round", "trainers", "tokens", "train loss", "val BPB", "val loss", "perplexity", "wall s"):
         table.add_column(column, justify="right")
+    losses = {int(e["round"]): e.get("loss") for e in result.evals if e.get("status") == "ok"}
     for row in result.rounds:
+        loss = losses.get(int(row["round"]))
         table.add_row(
             str(row["round"]), str(row["trainers"]), f"{row['tokens']:,}",
             "-" if row["mean_loss"] is None else f"{row['mean_loss']:.4f}",
             "-" if row["val_bpb"] is None else f"{row['val_bpb']:.4f}",
+            "-" if loss is None else f"{loss:.4f}", "-" if loss is None else f"{math.exp(min(loss, 700)):.2f}",
             "-" if row["wall_s"] is None else f"{row['wall_s']:.1f}",
         )
     console = Console()

@@ -7,6 +7,8 @@
 - ``loader``       ``TokenLoader`` with a resumable ``LoaderCursor``; ``iter_unit_batches``
                    for the federated trainers' leased row groups
 - ``validation``   ``validation_batches``: the whole split or a seeded sample
+- ``split``        the shakespeare task's character split: ``split_text`` (90/10),
+                   contiguous ``partition_text``, ``train_text``, ``write_split`` (``pilot data split``)
 
 Import from here (``from pilot.data import TokenLoader``); the submodules are the
 implementation.
@@ -36,6 +38,7 @@ from pilot.data.shards import (
     shard_name,
     work_units,
 )
+from pilot.data.split import partition_bounds, partition_text, split_text, train_text, write_split
 from pilot.data.text_import import ShardSummary, import_text, resolve_data, split_documents
 from pilot.data.validation import ValidationSet, validation_batches
 
@@ -57,12 +60,17 @@ __all__ = [
     "import_text",
     "iter_unit_batches",
     "list_shards",
+    "partition_bounds",
+    "partition_text",
     "read_row_group",
     "resolve_data",
     "resolve_unit",
     "shard_name",
     "split_documents",
+    "split_text",
     "tokenize_documents",
+    "train_text",
     "validation_batches",
     "work_units",
+    "write_split",
 ]

@@ -16,13 +16,18 @@ So Tiny Shakespeare's short speeches are packed together into ~2 KiB documents
 and a text without blank lines still gets sensible cuts. The validation split is
 held out at the end: the last documents of the last file(s) that together hold
 at least ``val_fraction`` of all characters (or exactly ``val_docs`` documents).
-Training documents fill ``shard_00000…`` with ``docs_per_row_group`` rows per
+With ``exact_split=True`` (the shakespeare task) the files' text is instead cut at
+character ``int((1 - val_fraction) · N)``, as the Flower/nanoGPT example does
+(``pilot.data.split.split_text``): the train part is cut into documents by the
+rule above, and the validation part is one document, so it is scored as one
+contiguous stream. Training documents fill ``shard_00000…`` with ``docs_per_row_group`` rows per
 row group and ``row_groups_per_shard`` row groups per shard; the validation
 documents go into the final shard. ``import.json`` (sources, options, counts) is
 written last, so its presence marks a complete import.
 
 ``resolve_data(path)`` lets ``--data input.txt`` just work: a text file is
-imported once into a cache directory keyed by its sha256.
+imported once into a cache directory keyed by its sha256 (and ``-exact`` for an
+exact split).
 """
 
 from __future__ import annotations
@@ -95,7 +100,7 @@ class ShardSummary:
     val_bytes: int
     train_row_groups: int
     val_row_groups: int
-    options: dict[str, float | int | None] = field(default_factory=dict)
+    options: dict[str, float | int | bool | None] = field(default_factory=dict)
 
     @property
     def num_docs(self) -> int:
@@ -170,6 +175,7 @@ def import_text(
     val_fraction: float = DEFAULT_VAL_FRACTION,
     val_docs: int | None = None,
     overwrite: bool = False,
+    exact_split: bool = False,
 ) -> ShardSummary:
     """Import UTF-8 text files into shards under ``out_dir`` (see the module docstring)."""
     if not files:
@@ -177,13 +183,19 @@ def import_text(
     if docs_per_row_group < 1 or row_groups_per_shard < 1:
         raise DataError("docs_per_row_group and row_groups_per_shard must be >= 1")
     paths = [Path(f) for f in files]
-    docs: list[str] = []
-    for path in paths:
-        docs.extend(split_documents(_read_text(path), doc_chars))
-    if not docs:
-        raise DataError(f"no text in {', '.join(str(p) for p in paths)}")
-    first_val = _split_validation(docs, val_fraction, val_docs)
-    train, val = docs[:first_val], docs[first_val:]
+    if exact_split:
+        from pilot.data.split import split_text
+
+        train_text, val_text = split_text("".join(_read_text(path) for path in paths), val_fraction)
+        train, val = split_documents(train_text, doc_chars), [val_text]
+    else:
+        docs: list[str] = []
+        for path in paths:
+            docs.extend(split_documents(_read_text(path), doc_chars))
+        if not docs:
+            raise DataError(f"no text in {', '.join(str(p) for p in paths)}")
+        first_val = _split_validation(docs, val_fraction, val_docs)
+        train, val = docs[:first_val], docs[first_val:]
 
     out = Path(out_dir)
     _prepare_out_dir(out, overwrite)
@@ -193,12 +205,13 @@ def import_text(
         for i, start in enumerate(range(0, len(train), per_shard))
     ]
     val_meta = write_shard(out / shard_name(len(train_metas)), val, docs_per_row_group=docs_per_row_group)
-    options: dict[str, float | int | None] = {
+    options: dict[str, float | int | bool | None] = {
         "doc_chars": doc_chars,
         "docs_per_row_group": docs_per_row_group,
         "row_groups_per_shard": row_groups_per_shard,
         "val_fraction": val_fraction if val_docs is None else None,
         "val_docs": val_docs,
+        "exact_split": exact_split,
     }
     summary = ShardSummary(
         out_dir=out,
@@ -236,9 +249,10 @@ def _write_manifest(out: Path, sources: list[Path], summary: ShardSummary) -> No
     os.replace(tmp_name, out / MANIFEST_FILE)
 
 
-def resolve_data(path: str | Path, cache_dir: str | Path | None = None) -> Path:
+def resolve_data(path: str | Path, cache_dir: str | Path | None = None, *, exact_split: bool = False) -> Path:
     """The shard directory for ``path``: a shard directory as is, or a text file
-    imported (once, default options) into ``cache_dir/<stem>-<sha256[:16]>``.
+    imported (once, default options) into ``cache_dir/<stem>-<sha256[:16]>`` (``…-exact``
+    with ``exact_split``).
 
     The import is written to a temporary directory and renamed into place, so two
     processes resolving the same file at once both end up with one complete copy.
@@ -250,13 +264,13 @@ def resolve_data(path: str | Path, cache_dir: str | Path | None = None) -> Path:
         list_shards(source)
         return source
     cache_root = Path(cache_dir) if cache_dir is not None else data_dir() / "imported"
-    target = cache_root / f"{source.stem}-{sha256_file(source)[:16]}"
+    target = cache_root / f"{source.stem}-{sha256_file(source)[:16]}{'-exact' if exact_split else ''}"
     if (target / MANIFEST_FILE).is_file():
         return target
     cache_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=cache_root, prefix=f".{target.name}."))
     try:
-        import_text([source], staging)
+        import_text([source], staging, exact_split=exact_split)
         if target.exists() and not (target / MANIFEST_FILE).is_file():
             shutil.rmtree(target)  # a leftover without its manifest is incomplete
         try:

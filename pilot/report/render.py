@@ -1,4 +1,7 @@
-"""The report's markdown: run facts, the per-round table, plots, the final text sample, notes.
+"""The report's markdown: run facts, the per-round table(s), plots, the final text sample, notes.
+
+A ``shakespeare`` task run also gets the Flower NanoGPT example's table (Round |
+Train Loss | Val Loss | Perplexity), so the two read side by side.
 
 :func:`render_markdown` turns a :class:`~pilot.report.summary.RunSummary` and the
 plot outcomes (a written file, or why none was drawn) into ``report.md``. Every
@@ -84,6 +87,19 @@ def _round_table(summary: RunSummary) -> list[str]:
     return lines
 
 
+def _loss_table(summary: RunSummary) -> list[str]:
+    """Round | Train Loss | Val Loss | Perplexity (the Flower NanoGPT example's table)."""
+    lines = ["| Round | Train Loss | Val Loss | Perplexity |", "|---|---|---|---|"]
+    for row in summary.ordered_rounds:
+        ok = row.eval if row.eval is not None and row.eval.status == EVAL_OK else None
+        lines.append(f"| {row.round} | {_num(row.loss, '.2f')} | {_num(ok.loss if ok else None, '.2f')} | "
+                     f"{_num(ok.perplexity if ok else None, '.1f')} |")
+    lines += ["", "Train loss: the token-weighted mean over every inner step of the round, all trainers. "
+              "Val loss: mean nats per character on the whole validation split (the last 10 % of the text), in "
+              "non-overlapping windows of seq-len characters; perplexity = exp(val loss)."]
+    return lines
+
+
 def _plots(plots: Mapping[str, tuple[str, Path | str]], run_dir: Path) -> list[str]:
     lines: list[str] = []
     for title, outcome in plots.values():
@@ -128,6 +144,7 @@ def render_markdown(
         [f"# Pilot run report: {title}", ""],
         _facts(summary, run_dir), [""],
         ["## Rounds", ""], _round_table(summary), [""],
+        (["## Loss", ""] + _loss_table(summary) + [""]) if summary.task == "shakespeare" else [],
         ["## Plots", ""], _plots(plots, run_dir),
         ["## Text sample", ""], _sample(summary), [""],
         ["## Notes", ""], _notes(summary, has_log, log_path), [""],

@@ -9,7 +9,7 @@ trainer's progress points, and one :class:`EvalPoint` per evaluated round.
 Sources per field: round tokens, trainers, mean loss and wall seconds from
 ``RoundClosed``; cumulative tokens from ``CheckpointPublished`` (else a running
 sum); per-trainer tokens and training seconds from the last ``TrainerProgress``
-of each trainer in the round; BPB and the sample from ``EvalCompleted`` or a
+of each trainer in the round; BPB, val loss and the sample from ``EvalCompleted`` or a
 stored result (a stored result wins: it also says whether the split was
 sampled). Events are delivered at least once, so a repeated event replaces the
 earlier copy. Nothing here needs every piece: absent data stays ``None``.
@@ -17,6 +17,8 @@ earlier copy. Nothing here needs every piece: absent data stays ``None``.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +55,11 @@ class EvalPoint:
     reason: str
     eval_s: float
     prompt: str = ""  # the sample's prompt, when known
+    loss: float | None = None  # mean nats per validation token (older evaluations: unknown)
+
+    @property
+    def perplexity(self) -> float | None:
+        return math.exp(self.loss) if self.loss is not None and self.loss < 700 else None
 
     @classmethod
     def from_event(cls, event: Mapping[str, Any]) -> EvalPoint:
@@ -62,6 +69,7 @@ class EvalPoint:
             bpb=_float(event.get("bpb")) if ok else None, val_tokens=_int(event.get("tokens")), sampled=None,
             sample=str(event.get("sample", "")), reason=str(event.get("failed_reason", "")),
             eval_s=_float(event.get("eval_s")),
+            loss=_float(event.get("val_loss")) if ok and "val_loss" in event else None,
         )
 
     @classmethod
@@ -73,6 +81,7 @@ class EvalPoint:
             bpb=_float(bpb) if ok and bpb is not None else None, val_tokens=_int(result.get("tokens")),
             sampled=result.get("sampled"), sample=str(result.get("sample", "")), reason=str(result.get("reason", "")),
             eval_s=_float(result.get("eval_s")), prompt=str(result.get("prompt", "")),
+            loss=_float(result.get("loss")) if ok and result.get("loss") is not None else None,
         )
 
 
@@ -137,6 +146,7 @@ class RunSummary:
     run_id: str | None = None
     model: str = ""
     strategy: str = ""
+    task: str = ""  # the run config's task (pretrain | shakespeare), from RunStarted
     planned_rounds: int = 0
     resumed_from_round: int = 0
     stopped: dict[str, Any] | None = None  # RunStopped fields
@@ -177,6 +187,10 @@ def _apply(summary: RunSummary, kind: str, event: Mapping[str, Any]) -> None:
         summary.strategy = str(event.get("strategy", summary.strategy))
         summary.planned_rounds = _int(event.get("num_rounds"))
         summary.resumed_from_round = _int(event.get("resumed_from_round"))
+        try:
+            summary.task = str(json.loads(str(event.get("config_json") or "{}")).get("task", ""))
+        except (ValueError, AttributeError):
+            pass
     elif kind == "RoundStarted":
         summary.row(round).started = True
     elif kind == "RoundClosed":

@@ -7,7 +7,11 @@ the run dir when neither is set — handy for ``flwr run .`` on a laptop), resto
 the run state (a restarted coordinator resumes at the last closed round, with the
 same weights and outer momentum), serves the Coordinator gRPC API, and runs the
 rounds. Every checkpoint (round 0's initial weights included) is handed to the
-evaluator as a Celery job; the coordinator never waits for it.
+evaluator as a Celery job; the coordinator never waits for it. With
+``eval-inline=true`` (the shakespeare task's default; ``flwr run .`` simulation
+runs no Celery worker) the coordinator scores each checkpoint itself, between
+rounds, with the evaluator's own code (:class:`~services.evaluator.worker.EvalWorker`):
+the same result is stored and the same ``EvalCompleted`` published.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from contextlib import ExitStack
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from pilot.bus import Bus, redis_client
+from pilot.bus import Bus, RedisUnavailable, redis_client
 from pilot.errors import PilotError
 from pilot.grpc_util import TLSConfig, start_grpc_server
 from pilot.ledger import Ledger
@@ -30,8 +34,8 @@ from pilot.v1 import events_pb2 as ev
 from pilot.v1 import services_pb2 as svc
 from pilot.v1 import services_pb2_grpc as svc_grpc
 from services.coordinator.control import CoordinatorService, RunControl, write_address
-from services.coordinator.rounds import RoundController
-from services.coordinator.state import prepare_run, restore_state, save_round
+from services.coordinator.rounds import RoundController, round_or_nan
+from services.coordinator.state import RunAssets, prepare_run, restore_state, save_round
 
 log = get_logger(__name__)
 app = ServerApp()
@@ -61,9 +65,36 @@ def _redis_url(cfg: RunConfig, stack: ExitStack) -> str:
     return server.url
 
 
-def _evaluation_hook(cfg: RunConfig, redis_url: str):  # type: ignore[no-untyped-def]
+def _inline_evaluation(cfg: RunConfig, redis_url: str, assets: RunAssets, stack: ExitStack):  # type: ignore[no-untyped-def]
+    """Score each checkpoint here and now, as the evaluation worker would (stored once per round)."""
+    from pilot.v1.jobs_pb2 import EvaluateCheckpointJob
+    from services.evaluator.evaluation import run_eval_settings
+    from services.evaluator.tracking import WandbSettings
+    from services.evaluator.worker import EvalWorker, WorkerConfig
+
+    tracking = WandbSettings(enabled=bool(cfg.wandb_project), project=cfg.wandb_project or "pilot")
+    worker = EvalWorker(WorkerConfig(redis_url=redis_url, eval=run_eval_settings(cfg, assets.shard_dir),
+                                     wandb=tracking, max_retries=0))
+    stack.callback(worker.close)
+
+    def evaluate(round: int, uri: str, sha256: str, tokens: int) -> None:
+        job = EvaluateCheckpointJob(run_id=cfg.run_id, round=round, uri=uri, sha256=sha256, tokens=tokens)
+        try:
+            result = worker.handle(job)  # records a failed evaluation itself
+        except (RedisUnavailable, PilotError) as exc:  # could not even record it: the run goes on
+            log.warning("inline evaluation not recorded", round=round, reason=str(exc))
+            return
+        log.info("checkpoint evaluated inline", round=round, status=result.status, val_loss=result.loss,
+                 bpb=result.bpb, eval_s=round_or_nan(result.eval_s))
+
+    return evaluate
+
+
+def _evaluation_hook(cfg: RunConfig, redis_url: str, assets: RunAssets, stack: ExitStack):  # type: ignore[no-untyped-def]
     if not cfg.evaluate:
         return lambda *args: None
+    if cfg.eval_inline:
+        return _inline_evaluation(cfg, redis_url, assets, stack)
     from pilot.errors import RetryableError
     from pilot.jobs import make_celery
     from pilot.v1.jobs_pb2 import EvaluateCheckpointJob
@@ -101,7 +132,7 @@ def run_coordinator(grid: Grid, cfg: RunConfig) -> int:
         stack.callback(server.stop, 2.0)
         write_address(assets.run_dir, f"127.0.0.1:{server.port}" if bind in ("0.0.0.0", "::") else
                       f"{bind}:{server.port}")
-        enqueue = _evaluation_hook(cfg, redis_url)
+        enqueue = _evaluation_hook(cfg, redis_url, assets, stack)
         bus.publish(ev.RunStarted(
             model=cfg.preset, strategy=cfg.outer, min_trainers=cfg.min_trainers, num_rounds=cfg.rounds,
             round_duration_s=cfg.round_seconds, resumed_from_round=resumed_from,

@@ -1,9 +1,10 @@
 """The coordinator's run state: what it needs to resume, where it lives, and how a round is saved.
 
-- :func:`prepare_run`: the run dir, the data (imported once), the tokenizer
-  (kept in ``<run_dir>/tokenizer`` so every trainer and the evaluator use the
-  same one), the model config, and the data ledger's work units (initialised
-  once per run; ``init_epoch`` is idempotent, so a restart keeps the ledger).
+- :func:`prepare_run`: the run dir, the data (imported once, split as the
+  run's task says), the tokenizer (kept in ``<run_dir>/tokenizer`` so every
+  trainer and the evaluator use the same one), the model config, and — with
+  ``partition='ledger'`` — the data ledger's work units (initialised once per
+  run; ``init_epoch`` is idempotent, so a restart keeps the ledger).
 - :func:`restore_state`: the last closed round's weights and outer momentum
   from ``<run_dir>/checkpoints/round_NNNNN`` (bit-identical), or round 0's
   seeded initial weights when the run is new. ``fresh`` moves earlier
@@ -20,11 +21,10 @@ from pathlib import Path
 
 import torch
 
-from pilot import paths
 from pilot.checkpoint import CheckpointMeta, TokenizerIdentity, latest_checkpoint, load_checkpoint, save_checkpoint
 from pilot.checkpoint.meta import SIDECAR_NAME
 from pilot.checkpoint.rundir import checkpoints_dir, prune_checkpoints, round_checkpoint_path
-from pilot.data import count_unit_tokens, list_shards, resolve_data, work_units
+from pilot.data import count_unit_tokens, list_shards, work_units
 from pilot.data.shards import read_shard_texts
 from pilot.federated import OuterConfig, OuterOptimizer
 from pilot.hashing import sha256_file
@@ -33,7 +33,6 @@ from pilot.log import get_logger
 from pilot.model import GPTConfig, build_model
 from pilot.run_config import RunConfig
 from pilot.runtime import seed_everything
-from pilot.sources import resolve_named_source
 from pilot.tokenizer import Tokenizer, load_tokenizer
 from pilot.train import model_config_for
 
@@ -75,9 +74,12 @@ def _run_tokenizer(cfg: RunConfig, run_dir: Path, shard_dir: Path) -> Tokenizer:
 def prepare_run(cfg: RunConfig, ledger: Ledger) -> RunAssets:
     run_dir = cfg.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
-    shard_dir = resolve_data(resolve_named_source(cfg.data), paths.data_dir() / "imported")
+    shard_dir = cfg.shard_dir()
     tokenizer = _run_tokenizer(cfg, run_dir, shard_dir)
     model_config = model_config_for(cfg.preset, tokenizer, cfg.seq_len, cfg.dropout)
+    if cfg.partition == "contiguous":  # trainers slice the train text themselves: no work units to lease
+        log.info("contiguous partitions: no ledger", task=cfg.task, data=str(shard_dir))
+        return RunAssets(run_dir=run_dir, shard_dir=shard_dir, tokenizer=tokenizer, model_config=model_config)
     train_shards, _ = list_shards(shard_dir)
     started = time.perf_counter()
     units = {u.key: count_unit_tokens(u.path, u.row_group, tokenizer) for u in work_units(train_shards)}

@@ -14,6 +14,10 @@ and ``pilot sample`` all call it, so the number the worker stores is the number
   split. ``evaluate(uri, expected_sha256=..., expected_round=...)`` returns an
   :class:`EvalOutcome`; ``load`` and ``sample`` are the pieces.
 - :func:`evaluate_checkpoint`: the one-shot form (CLI).
+- :func:`run_eval_settings`: how a federated run's checkpoints are scored (its
+  ``eval-tokens``, and its task's sample: for ``shakespeare`` the Flower NanoGPT
+  example's 200 characters after a newline, temperature 0.8, top-k 40), the same
+  whether the Celery worker or the coordinator (``eval-inline``) scores them.
 
 Checks, each failure a permanent ``CheckpointError`` / ``TokenizerError`` that
 names the file (the worker records it as a failed evaluation, never retries it):
@@ -31,8 +35,11 @@ names the file (the worker records it as a failed evaluation, never retries it):
 Validation rows are ``seq_len`` targets long (default: the model's context), in
 batches of ``batch_tokens // seq_len`` rows. With ``eval_tokens`` > 0 a seeded
 sample of rows is scored: the same rows for every checkpoint, so rounds compare.
-The sample is ``[BOS] + prompt`` continued by ``GPT.generate`` with a fixed
-temperature, top-k and seed: deterministic for given weights on a given device.
+The loss is the mean cross-entropy (nats) per scored target (perplexity =
+exp(loss)); with ``eval_tokens=0`` the rows are non-overlapping ``seq_len``
+windows covering the whole split, every target scored once. The sample is
+``[BOS] + prompt`` continued by ``GPT.generate`` with a fixed temperature, top-k
+and seed: deterministic for given weights on a given device.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ if TYPE_CHECKING:
     import torch
 
     from pilot.model import GPT, GPTConfig
+    from pilot.run_config import RunConfig
 
 log = get_logger(__name__)
 
@@ -103,6 +111,19 @@ class EvalSettings:
                 raise ConfigError(f"evaluator setting {flag} must be an integer >= {low}, got {value!r}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ConfigError(f"evaluator setting temperature must be >= 0, got {self.temperature!r}")
+
+
+TASK_SAMPLES: dict[str, dict[str, Any]] = {
+    "shakespeare": {"prompt": "\n", "sample_tokens": 200, "temperature": 0.8, "top_k": 40},
+}
+"""A task's text sample (EvalSettings fields); tasks not listed use EvalSettings' defaults."""
+
+
+def run_eval_settings(cfg: RunConfig, data: Path, **overrides: Any) -> EvalSettings:
+    """The settings that score a federated run's checkpoints on ``data`` (its shard directory)."""
+    values: dict[str, Any] = {"data": data, "device": "cpu" if cfg.device == "cpu" else "auto",
+                              "eval_tokens": cfg.eval_tokens, **TASK_SAMPLES.get(cfg.task, {}), **overrides}
+    return EvalSettings(**values)
 
 
 _INT_LIMITS = {"eval_tokens": 0, "batch_tokens": 1, "sample_tokens": 0, "eval_seed": 0, "sample_seed": 0,

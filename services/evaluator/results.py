@@ -1,7 +1,7 @@
 """Evaluation results of a run in Redis: stored once per round, published with the result.
 
 A result is one JSON object per (run, round) (:class:`EvalResult`): status
-``ok``/``failed``, BPB, validation tokens scored and whether they were a sample
+``ok``/``failed``, BPB, validation loss (mean nats per scored token), validation tokens scored and whether they were a sample
 of the split or all of it, the text sample, the checkpoint's sha256, seconds,
 and the reason when it failed. Keys (``pilot/keys.py``):
 
@@ -75,6 +75,7 @@ class EvalResult:
     checkpoint_sha256: str  # of checkpoint.json: the one scored (ok) or the job's expectation (failed)
     checkpoint_tokens: int  # training tokens up to this checkpoint
     bpb: float | None = None
+    loss: float | None = None  # mean cross-entropy per scored validation token, nats (perplexity = exp)
     tokens: int = 0  # validation targets scored
     split_tokens: int = 0  # targets in the whole validation split
     sampled: bool = False  # True: a seeded sample of the split; False: the whole split
@@ -98,7 +99,7 @@ class EvalResult:
         return cls(
             run_id=job.run_id, round=job.round, status="ok", checkpoint_uri=job.uri,
             checkpoint_sha256=outcome.checkpoint_sha256, checkpoint_tokens=job.tokens or outcome.tokens_seen,
-            bpb=outcome.bpb, tokens=outcome.tokens, split_tokens=outcome.split_tokens, sampled=outcome.sampled,
+            bpb=outcome.bpb, loss=outcome.loss_per_token, tokens=outcome.tokens, split_tokens=outcome.split_tokens, sampled=outcome.sampled,
             bytes=outcome.bytes, seq_len=outcome.seq_len, sample=outcome.sample, prompt=outcome.prompt,
             eval_s=outcome.eval_s,
             device=outcome.device, attempts=attempts, finished_at=time.time(),
@@ -119,8 +120,9 @@ class EvalResult:
 
     def to_json(self) -> str:
         body = self.to_dict()
-        if body["bpb"] is not None and not math.isfinite(body["bpb"]):
-            body["bpb"] = str(body["bpb"])  # "nan" / "inf": JSON has no such numbers
+        for name in ("bpb", "loss"):
+            if body[name] is not None and not math.isfinite(body[name]):
+                body[name] = str(body[name])  # "nan" / "inf": JSON has no such numbers
         return json.dumps(body, sort_keys=True, ensure_ascii=False)
 
     @classmethod
@@ -129,8 +131,9 @@ class EvalResult:
             body = json.loads(text)
             known = {f.name for f in fields(cls)}
             values = {k: v for k, v in body.items() if k in known}
-            if isinstance(values.get("bpb"), str):
-                values["bpb"] = float(values["bpb"])
+            for name in ("bpb", "loss"):
+                if isinstance(values.get(name), str):
+                    values[name] = float(values[name])
             return cls(**values)
         except (ValueError, TypeError, AttributeError) as exc:
             raise BadResult(f"{source} is not a valid evaluation result: {exc}") from exc
@@ -141,6 +144,7 @@ class EvalResult:
             run_id=self.run_id,
             round=self.round,
             bpb=self.bpb if self.bpb is not None else 0.0,
+            val_loss=self.loss if self.loss is not None else 0.0,
             tokens=self.tokens,
             sample=self.sample,
             status=ev.EVAL_STATUS_OK if self.ok else ev.EVAL_STATUS_FAILED,

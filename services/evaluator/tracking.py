@@ -97,6 +97,7 @@ class WandbTracker:
                     "round": result.round,
                     "tokens": result.checkpoint_tokens,
                     "eval/bpb": result.bpb,
+                    "eval/loss": result.loss,
                     "eval/seconds": result.eval_s,
                     "eval/val_tokens": result.tokens,
                     "eval/sample": wandb.Html(f"<pre>{html.escape(result.sample)}</pre>"),
