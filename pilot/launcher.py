@@ -1,7 +1,8 @@
 """``pilot run``: a whole federated run on one box, every service started and stopped for you.
 
 :func:`run_local` starts, on loopback: the embedded Redis (unless a URL is
-given), the evaluator worker (a Celery process), a thread copying the run's
+given), the evaluator worker (a Celery process; not with ``eval-inline``, where
+the coordinator scores checkpoints itself), a thread copying the run's
 events into ``<run_dir>/events.jsonl``, and a Flower SuperLink with N
 SuperNodes (:class:`~pilot.flower.LocalFederation`); submits the run with the
 validated run config; shows live progress (round, time left, per-trainer
@@ -47,6 +48,7 @@ class RunFailed(PilotError):
 class LocalRunResult:
     run_dir: Path
     rounds: list[dict[str, Any]] = field(default_factory=list)  # per-round summary rows
+    evals: list[dict[str, Any]] = field(default_factory=list)  # the stored evaluation results, by round
     report: Path | None = None
     wall_s: float = 0.0
 
@@ -63,10 +65,14 @@ def flower_values(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _start_evaluator(cfg: RunConfig, redis_url: str, log_dir: Path, env: dict[str, str]) -> subprocess.Popen:
+    from services.evaluator.evaluation import run_eval_settings
+
     log_dir.mkdir(parents=True, exist_ok=True)
-    data = resolve_named_source(cfg.data)
-    command = [sys.executable, "-m", "pilot.cli", "evaluator", "--redis", redis_url, "--data", str(data),
-               "--device", "cpu" if cfg.device == "cpu" else "auto", "--eval-tokens", str(cfg.eval_tokens),
+    settings = run_eval_settings(cfg, cfg.shard_dir())  # the shards the coordinator uses: same split
+    command = [sys.executable, "-m", "pilot.cli", "evaluator", "--redis", redis_url, "--data", str(settings.data),
+               "--device", settings.device, "--eval-tokens", str(settings.eval_tokens),
+               "--prompt", settings.prompt, "--sample-tokens", str(settings.sample_tokens),
+               "--temperature", str(settings.temperature), "--top-k", str(settings.top_k or 0),
                "--threads", "1", "--no-wandb" if not cfg.wandb_project else "--wandb"]
     if cfg.wandb_project:
         command += ["--wandb-project", cfg.wandb_project]
@@ -88,6 +94,20 @@ def _stop_process(process: subprocess.Popen, grace_s: float = 10.0) -> None:
         except ProcessLookupError:
             pass
         process.wait(5)
+
+
+def stop_trainer_hosts(run_id: str, trainer_ids: list[str], grace_s: float = 5.0) -> list[int]:
+    """Stop the trainer hosts (``services/trainer/host.py``) of this run's local trainers; their pids.
+
+    A host also exits by itself once the SuperNode that started it is gone (and the
+    federation's final sweep finds it by its inherited tag); this makes ``pilot run``
+    wait for them, so nothing of the run is left when it returns.
+    """
+    from services.trainer.host_client import stop_host
+    from services.trainer.identity import default_work_dir
+
+    stopped = [stop_host(default_work_dir(run_id, trainer_id), grace_s) for trainer_id in trainer_ids]
+    return [pid for pid in stopped if pid]
 
 
 def _wait_for_evaluations(results: ResultStore, monitor: RunMonitor, last_round: int, timeout_s: float) -> None:
@@ -131,9 +151,10 @@ def run_local(
         writer = EventLogWriter(bus, event_log_path(run_dir))
         writer.start()
         stack.callback(writer.stop)
-        if cfg.evaluate:
+        if cfg.evaluate and not cfg.eval_inline:
             evaluator = _start_evaluator(cfg, redis_url, log_dir, env)
             stack.callback(_stop_process, evaluator)
+        stack.callback(stop_trainer_hosts, cfg.run_id, [f"trainer-{i}" for i in range(trainers)])  # after the nodes
         federation = stack.enter_context(LocalFederation(
             APP_DIR, trainers, log_dir=log_dir,
             node_configs=[{"trainer-id": f"trainer-{i}", "partition-id": i, "num-partitions": trainers}
@@ -169,6 +190,7 @@ def run_local(
         rounds = monitor.summary_rows()
         eval_results = [r.to_dict() for r in results.all()]
     report = write_report(run_dir, eval_results=eval_results)
-    return LocalRunResult(run_dir=run_dir, rounds=rounds, report=report, wall_s=time.monotonic() - started)
+    return LocalRunResult(run_dir=run_dir, rounds=rounds, evals=eval_results, report=report,
+                          wall_s=time.monotonic() - started)
 
 

@@ -7,6 +7,9 @@
 - ``DistInfo`` / ``init_distributed()``: reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK,
   starts a process group (NCCL on CUDA, gloo on CPU) only when WORLD_SIZE > 1,
   so the same code path runs with and without DDP.
+- ``replicate(model, dist, device)``: the model wrapped in DistributedDataParallel
+  when the process group has several ranks (its constructor broadcasts rank 0's
+  weights), else the model itself.
 """
 
 from __future__ import annotations
@@ -104,6 +107,15 @@ def init_distributed(device: torch.device) -> DistInfo:
 def shutdown_distributed() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def replicate(model: torch.nn.Module, dist: DistInfo, device: torch.device) -> torch.nn.Module:
+    """``model`` under DDP when ``dist`` has several ranks (gradients averaged on backward), else ``model``."""
+    if not dist.is_distributed:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 @contextlib.contextmanager

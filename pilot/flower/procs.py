@@ -111,7 +111,11 @@ def tagged_processes(tag: str) -> list[psutil.Process]:
 
 def kill_tagged(tag: str, grace_s: float = 2.0) -> list[int]:
     """SIGTERM, then SIGKILL after ``grace_s``, every process tagged ``tag``; their pids."""
-    procs = tagged_processes(tag)
+    return terminate(tagged_processes(tag), grace_s)
+
+
+def terminate(procs: Sequence[psutil.Process], grace_s: float = 2.0) -> list[int]:
+    """SIGTERM ``procs``, then SIGKILL those alive after ``grace_s``; their pids."""
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
@@ -133,8 +137,10 @@ class Child:
         log_path: Path,
         env: Mapping[str, str],
         cwd: Path | None = None,
+        die_with_parent: bool = True,  # False: a daemon that outlives the thread (and process) starting it
     ) -> None:
         self.name = name
+        self.die_with_parent = die_with_parent
         self.argv = list(argv)
         self.log_path = log_path
         self.env = dict(env)
@@ -167,7 +173,7 @@ class Child:
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
-                preexec_fn=_pdeathsig_hook(),
+                preexec_fn=_pdeathsig_hook() if self.die_with_parent else None,
             )
         self._known = {}
         log.debug("flower.child.started", name=self.name, pid=self.proc.pid, argv=self.argv)
