@@ -87,6 +87,7 @@ class RunConfig(TrainingKnobs):
     rounds: int = Field(3, gt=0)  # rounds to run (Flower's num-server-rounds)
     round_seconds: float = Field(300.0, gt=0)  # a round's training budget on each trainer's own clock
     round_steps: int = Field(0, ge=0)  # >0: rounds end after this many inner steps instead
+    step_round_timeout_s: float = Field(3600.0, gt=0)  # a step round's longest wait for its steps (+ reply-grace-s)
     min_trainers: int = Field(1, gt=0)  # a round starts once this many trainers are connected
     trainer_wait_s: float = Field(600.0, gt=0)  # give up when min-trainers do not show up in time
     reply_grace_s: float = Field(120.0, gt=0)  # after the round's budget: wait this long for replies

@@ -115,7 +115,7 @@ class RoundController:
             tokenizer_sha256=self.assets.tokenizer.sha256, run_config=self.cfg.as_run_config(),
         )
         weights = ArrayRecord(self.state.weights)
-        budget = self.cfg.round_seconds if not self.cfg.round_steps else self.cfg.trainer_wait_s
+        budget = self.cfg.round_seconds if not self.cfg.round_steps else self.cfg.step_round_timeout_s
         # a TRAIN message that no trainer picked up before the round's deadline expires unseen, so a
         # busy or restarted node never trains a stale round after the fact
         ttl = budget + self.cfg.reply_grace_s
