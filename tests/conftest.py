@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,21 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def shakespeare_path(shared_data: Path) -> Path:
     return shared_data / "tinyshakespeare" / "input.txt"
+
+
+@pytest.fixture(scope="session")
+def shakespeare_prefix(tmp_path_factory: pytest.TempPathFactory, shakespeare_path: Path) -> Callable[[int], Path]:
+    """``make(chars)``: a text file holding Tiny Shakespeare's first ``chars`` characters (one per size)."""
+    text = shakespeare_path.read_text()
+    made: dict[int, Path] = {}
+
+    def make(chars: int) -> Path:
+        if chars not in made:
+            made[chars] = tmp_path_factory.mktemp("text") / f"shakespeare_{chars}.txt"
+            made[chars].write_text(text[:chars])
+        return made[chars]
+
+    return make
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -23,10 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def small_text(tmp_path_factory: pytest.TempPathFactory, shakespeare_path: Path) -> Path:
-    path = tmp_path_factory.mktemp("text") / "small.txt"
-    path.write_text(shakespeare_path.read_text()[:150_000])
-    return path
+def small_text(shakespeare_prefix) -> Path:
+    return shakespeare_prefix(150_000)
 
 
 def events(bus: Bus) -> list:

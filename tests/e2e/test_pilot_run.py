@@ -18,10 +18,8 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def small_text(tmp_path_factory: pytest.TempPathFactory, shakespeare_path: Path) -> Path:
-    path = tmp_path_factory.mktemp("text") / "small.txt"
-    path.write_text(shakespeare_path.read_text()[:150_000])
-    return path
+def small_text(shakespeare_prefix) -> Path:
+    return shakespeare_prefix(150_000)
 
 
 def test_pilot_run_two_trainers_two_rounds(small_text: Path, tmp_path: Path) -> None:

@@ -62,17 +62,13 @@ def group(groups: list[RankGroup]) -> RankGroup:
 
 
 @pytest.fixture(scope="module")
-def small_text(tmp_path_factory: pytest.TempPathFactory, shakespeare_path: Path) -> Path:
-    path = tmp_path_factory.mktemp("text") / "small.txt"
-    path.write_text(shakespeare_path.read_text()[:60_000])
-    return path
+def small_text(shakespeare_prefix) -> Path:
+    return shakespeare_prefix(60_000)
 
 
 @pytest.fixture(scope="module")
-def one_unit_text(tmp_path_factory: pytest.TempPathFactory, shakespeare_path: Path) -> Path:
-    path = tmp_path_factory.mktemp("text") / "one_unit.txt"
-    path.write_text(shakespeare_path.read_text()[:4_000])
-    return path
+def one_unit_text(shakespeare_prefix) -> Path:
+    return shakespeare_prefix(4_000)
 
 
 class Run:

@@ -56,10 +56,8 @@ class RecordingGrid(InProcessGrid):
 
 
 @pytest.fixture(scope="module")
-def small_text(tmp_path_factory: pytest.TempPathFactory, shakespeare_path: Path) -> Path:
-    path = tmp_path_factory.mktemp("text") / "small.txt"
-    path.write_text(shakespeare_path.read_text()[:120_000])
-    return path
+def small_text(shakespeare_prefix) -> Path:
+    return shakespeare_prefix(120_000)
 
 
 def run_cfg(run_id: str, data: Path, out: Path, redis_url: str, **extra: object):
