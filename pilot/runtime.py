@@ -7,9 +7,9 @@
 - ``DistInfo`` / ``init_distributed()``: reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK,
   starts a process group (NCCL on CUDA, gloo on CPU) only when WORLD_SIZE > 1,
   so the same code path runs with and without DDP.
-- ``replicate(model, dist, device)``: the model wrapped in DistributedDataParallel
-  when the process group has several ranks (its constructor broadcasts rank 0's
-  weights), else the model itself.
+- ``replicate(model, dist, device, compile=...)``: the module to train: the model
+  wrapped in DistributedDataParallel when the process group has several ranks
+  (its constructor broadcasts rank 0's weights), then torch.compile'd on request.
 """
 
 from __future__ import annotations
@@ -109,13 +109,16 @@ def shutdown_distributed() -> None:
         torch.distributed.destroy_process_group()
 
 
-def replicate(model: torch.nn.Module, dist: DistInfo, device: torch.device) -> torch.nn.Module:
-    """``model`` under DDP when ``dist`` has several ranks (gradients averaged on backward), else ``model``."""
-    if not dist.is_distributed:
-        return model
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None
-    )
+def replicate(model: torch.nn.Module, dist: DistInfo, device: torch.device, *,
+              compile: bool = False) -> torch.nn.Module:
+    """The module to train: ``model`` under DDP when ``dist`` has several ranks (gradients averaged on
+    backward), then ``torch.compile``'d when ``compile``; the parameters stay ``model``'s."""
+    train_model = model
+    if dist.is_distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    return torch.compile(train_model) if compile else train_model  # type: ignore[return-value]
 
 
 @contextlib.contextmanager

@@ -51,7 +51,7 @@ from pilot.optim import (
     optimizer_state_tensors,
 )
 from pilot.sources import resolve_named_source
-from pilot.runtime import DistInfo, autocast, pick_device, resolve_dtype, seed_everything
+from pilot.runtime import DistInfo, autocast, pick_device, replicate, resolve_dtype, seed_everything
 from pilot.tokenizer import Tokenizer, load_tokenizer
 from pilot.train_config import TrainConfig
 
@@ -307,13 +307,7 @@ def run_training(cfg: TrainConfig, dist: DistInfo) -> TrainResult:
     """Train as ``cfg`` says; returns the summary (rank 0's view; all ranks agree on BPB)."""
     session = build_session(cfg, dist)
     model = session.model
-    train_model: nn.Module = model
-    if dist.is_distributed:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[session.device.index] if session.device.type == "cuda" else None
-        )
-    if cfg.compile:
-        train_model = torch.compile(train_model)  # type: ignore[assignment]
+    train_model = replicate(model, dist, session.device, compile=cfg.compile)
     log.info(
         "training",
         preset=cfg.preset,

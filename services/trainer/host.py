@@ -15,6 +15,8 @@ Pilot's trainer modules and building the first ``torch.optim`` optimiser (which 
   long-lived thread: ``services.trainer.ddp.train_round``, i.e. ``run_local_round`` in
   this process for one device, and for ``num-devices`` > 1 the process-wide DDP
   ``RankGroup`` (this process is rank 0), which thus lives as long as the host.
+- With ``compile=true`` the model is ``torch.compile``'d; the host keeps dynamo's
+  compiled graphs for later rounds and inductor's cache in ``<work_dir>/compile-cache``.
 - One host per work dir: it holds ``host.lock`` for its life (a successor waits for
   it), writes ``host.json`` (pid, create time, run, socket, watched pid) once serving,
   and removes both that and the socket when it exits.
@@ -76,6 +78,7 @@ if TYPE_CHECKING:  # torch is imported by the warm-up thread, not before the hos
 
 log = get_logger(__name__)
 
+COMPILE_CACHE_DIR = "compile-cache"  # the host's TORCHINDUCTOR_CACHE_DIR, in its work dir
 EXIT_ABANDONED = 75  # a round in progress was abandoned (client gone, watched process gone, signal)
 WATCH_EVERY_S = 0.5
 
@@ -262,6 +265,9 @@ def serve(run_id: str, work_dir: Path, sock: Path, watch_pid: int, idle_exit_s: 
         log.error("the process to watch is already gone", watch_pid=watch_pid)
         return 2
     work_dir.mkdir(parents=True, exist_ok=True)
+    # compile=true: inductor's compiled kernels live in the work dir, so a restarted host reuses them (always:
+    # torch itself exports its /tmp default into the environment, so an inherited value says nothing)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work_dir / COMPILE_CACHE_DIR)
     with file_lock(work_dir / LIFE_LOCK, timeout_s=60.0):  # a predecessor may still be exiting
         sock.unlink(missing_ok=True)
         _clear_exchange(work_dir)

@@ -285,7 +285,7 @@ def run_local_round(
 
     feed = make_feed(ledger, cfg, who, tokenizer, order.round, rank=dist.rank)
     _barrier_if(dist, dist.is_main)  # the other ranks may now read what rank 0 fetched or imported
-    train_model = replicate(model, dist, device)  # DDP broadcasts rank 0's weights to every rank
+    train_model = replicate(model, dist, device, compile=cfg.compile)  # DDP broadcasts rank 0's weights
     batches = iter(feed)
     watcher = bus.stop_watcher(order.round, order.since_id) if dist.is_main else None
     deadline = received_at + max(order.seconds - cfg.upload_margin_s, 0.0)

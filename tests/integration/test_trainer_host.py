@@ -16,10 +16,13 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
 from pilot.bus import Bus
+from pilot.federated import UpdateCodec, from_records
 from pilot.flower import leftover_processes
 from pilot.keys import Stream
-from pilot.protocol import ORDER, REPORT, TRAINER, RoundOrder
+from pilot.protocol import ORDER, REPORT, TRAINER, UPDATE, UPDATE_META, RoundOrder
 from pilot.run_config import run_config_from
 from pilot.v1 import events_pb2 as ev
 from services.coordinator.server_app import run_coordinator
@@ -99,6 +102,32 @@ def test_second_round_reuses_the_host_and_an_idle_host_exits(small_text, tmp_pat
     # nothing runs for 5 s: the host exits on its own and cleans up after itself
     assert gone_within(pids[0], 30), "the idle host did not exit"
     assert not (work_dir / PID_FILE).exists() and not socket_path(work_dir).exists()
+
+
+def round_delta(reply) -> dict[str, torch.Tensor]:  # noqa: ANN001 - a Flower reply Message
+    content = reply.content
+    return UpdateCodec("fp32").decode(from_records(content.array_records[UPDATE], content.config_records[UPDATE_META]))
+
+
+def test_compile_true_trains_on_the_host_as_eager_does_and_caches_its_kernels(small_text, tmp_path, redis_url,
+                                                                              run_id):
+    deltas = {}
+    for mode, compiled in (("off", False), ("on", True)):  # the same rounds, eager in-process vs compiled host
+        work_dir = tmp_path / f"trainer-{mode}"
+        grid = RecordingGrid([41], node_configs={41: {"trainer-host": mode, "work-dir": str(work_dir)}})
+        cfg = run_cfg(f"{run_id}-{mode}", small_text, tmp_path / f"run-{mode}", redis_url, compile=compiled,
+                      dropout=0.0, **{"round-steps": 2})
+        assert run_coordinator(grid, cfg) == 2
+        assert not any(reply.has_error() for reply in grid.replies_by_round.values())
+        deltas[mode] = [round_delta(grid.replies_by_round[r]) for r in (1, 2)]
+    stop_host(tmp_path / "trainer-on", grace_s=1.0)
+    assert any((tmp_path / "trainer-on" / "compile-cache").rglob("*.py"))  # inductor's kernels, in the work dir
+    for eager, compiled in zip(deltas["off"], deltas["on"], strict=True):
+        for name, tensor in eager.items():
+            # inductor fuses and reorders float sums; AdamW can blow a rounding difference in a near-zero
+            # gradient up to a full step for a few elements (as in the DDP parity tests)
+            close = torch.isclose(compiled[name], tensor, rtol=1e-3, atol=1e-5)
+            assert close.float().mean() >= 0.999, f"{name}: {(~close).sum()} of {close.numel()} elements differ"
 
 
 def test_host_killed_mid_round_gives_an_error_reply_and_the_next_round_a_new_host(
