@@ -38,6 +38,12 @@ from pilot.log import get_logger
 log = get_logger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Keepalive: clients ping every KEEPALIVE_TIME_MS; servers accept pings that far apart even while a call sends
+# no data (a trainer host's RunRound answers after minutes). gRPC core's server default (5 min between pings,
+# 2 strikes) answers 30-s pings during a long call with GOAWAY "too_many_pings".
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+MIN_PING_INTERVAL_MS = KEEPALIVE_TIME_MS // 3  # what a server tolerates between pings without data
 """Send and receive limit for every Pilot gRPC message (see module docstring)."""
 DEFAULT_MAX_WORKERS = 16
 TLS_ENV_PREFIX = "PILOT_TLS_"
@@ -146,7 +152,8 @@ def start_grpc_server(
     options = _limits(max_message_bytes) + [
         ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        # GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS; the C macro's name is not its string
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
     ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
@@ -197,7 +204,10 @@ def make_channel(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> grpc.Channel:
     """A client channel to ``address`` with Pilot's limits (and TLS when given)."""
-    options = _limits(max_message_bytes) + [("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000)]
+    options = _limits(max_message_bytes) + [
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS), ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+        ("grpc.http2.max_pings_without_data", 0),  # keep pinging through a long call that sends nothing
+    ]
     if tls is None:
         return grpc.insecure_channel(address, options=options)
     if tls.server_name:

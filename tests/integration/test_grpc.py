@@ -168,3 +168,26 @@ def test_configuration_helpers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(ConfigError, match="PILOT_COORDINATOR_ADDR"):
         peer_address("PILOT_COORDINATOR_ADDR")
     assert peer_address("PILOT_COORDINATOR_ADDR", "head:50051") == "head:50051"
+
+
+class SlowCoordinator(FakeCoordinator):
+    def GetStatus(self, request: svc.GetStatusRequest, context: grpc.ServicerContext) -> svc.RunStatus:
+        threading.Event().wait(6.0)  # a long call that sends nothing meanwhile (as a trainer host's RunRound)
+        return super().GetStatus(request, context)
+
+
+def test_a_long_silent_call_survives_the_clients_keepalive_pings(tmp_path: Path, monkeypatch) -> None:
+    # 1-s pings: a server still on gRPC core's default policy (5 min between pings without data, 2 strikes)
+    # answers the third with GOAWAY "too_many_pings", which fails the call (a 5-min round would hit it at 30 s)
+    import pilot.grpc_util as grpc_util
+
+    monkeypatch.setattr(grpc_util, "KEEPALIVE_TIME_MS", 1_000)
+    monkeypatch.setattr(grpc_util, "MIN_PING_INTERVAL_MS", 300)
+    address = f"unix:{tmp_path / 's.sock'}"
+    running = start_grpc_server([(svc_grpc.add_CoordinatorServicer_to_server, SlowCoordinator())], address)
+    try:
+        with make_channel(address) as channel:
+            status = svc_grpc.CoordinatorStub(channel).GetStatus(svc.GetStatusRequest(run_id="r9"), timeout=30)
+        assert status.run_id == "r9" and status.round == 3
+    finally:
+        running.stop(0)
