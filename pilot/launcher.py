@@ -110,6 +110,16 @@ def stop_trainer_hosts(run_id: str, trainer_ids: list[str], grace_s: float = 5.0
     return [pid for pid in stopped if pid]
 
 
+def reset_local_trainers(run_id: str, trainer_ids: list[str]) -> list[Path]:
+    """``fresh``: the local trainers start without the inner optimiser / residual an earlier run left."""
+    from services.trainer.identity import default_work_dir, reset_trainer_state
+
+    removed = [path for trainer_id in trainer_ids for path in reset_trainer_state(default_work_dir(run_id, trainer_id))]
+    if removed:
+        log.warning("fresh start: trainer state of an earlier run removed", paths=[str(p) for p in removed])
+    return removed
+
+
 def _wait_for_evaluations(results: ResultStore, monitor: RunMonitor, last_round: int, timeout_s: float) -> None:
     """Wait (bounded) until every round's checkpoint has a result, ok or failed."""
     deadline = time.monotonic() + timeout_s
@@ -154,11 +164,14 @@ def run_local(
         if cfg.evaluate and not cfg.eval_inline:
             evaluator = _start_evaluator(cfg, redis_url, log_dir, env)
             stack.callback(_stop_process, evaluator)
-        stack.callback(stop_trainer_hosts, cfg.run_id, [f"trainer-{i}" for i in range(trainers)])  # after the nodes
+        trainer_ids = [f"trainer-{i}" for i in range(trainers)]
+        if cfg.fresh:
+            reset_local_trainers(cfg.run_id, trainer_ids)
+        stack.callback(stop_trainer_hosts, cfg.run_id, trainer_ids)  # after the nodes
         federation = stack.enter_context(LocalFederation(
             APP_DIR, trainers, log_dir=log_dir,
-            node_configs=[{"trainer-id": f"trainer-{i}", "partition-id": i, "num-partitions": trainers}
-                          for i in range(trainers)],
+            node_configs=[{"trainer-id": trainer_id, "partition-id": i, "num-partitions": trainers}
+                          for i, trainer_id in enumerate(trainer_ids)],
             env={"PILOT_REDIS_URL": redis_url, "PILOT_BASE_DIR": str(paths.base_dir())},
             node_env=[{"OMP_NUM_THREADS": str(threads_per_trainer)}] * trainers,
         ))

@@ -2,7 +2,9 @@
 
 - :class:`TrainerIdentity`: trainer id, Flower node id, work dir, this node's own
   data, device override, Flower's partition, and the DDP ranks it trains on.
-- :func:`default_work_dir`: ``$PILOT_BASE_DIR/trainers/<run>/<trainer>``.
+- :func:`default_work_dir`: ``$PILOT_BASE_DIR/trainers/<run>/<trainer>``; what in it
+  carries over from round to round (``INNER_STATE``, ``RESIDUAL_FILE``), and
+  :func:`reset_trainer_state`, which removes that for a fresh run.
 - :func:`identity_from_node_config`: the node-config keys ``trainer-id`` (default
   ``node-<id>``), ``work-dir``, ``data-path``, ``device``, ``num-devices``,
   ``partition-id`` / ``num-partitions`` turned into a :class:`TrainerIdentity`.
@@ -13,6 +15,7 @@ the trainer host's client side can name a trainer without importing torch.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +37,27 @@ class TrainerIdentity:
     num_devices: int = 1  # devices (DDP ranks) this trainer trains on
 
 
+INNER_STATE = "inner"  # work-dir checkpoint of the inner optimiser state and inner step
+RESIDUAL_FILE = "residual.safetensors"  # the int8 update's error-feedback residual
+
+
 def default_work_dir(run_id: str, trainer_id: str) -> Path:
     return paths.base_dir() / "trainers" / run_id / trainer_id
+
+
+def reset_trainer_state(work_dir: Path) -> list[Path]:
+    """Remove what a trainer carries from one round to the next (a fresh run must not inherit another
+    run's inner optimiser or residual); the paths removed. Caches (tokenizer, compiled kernels) stay."""
+    removed = []
+    for path in (Path(work_dir) / INNER_STATE, Path(work_dir) / RESIDUAL_FILE):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(path)
+    return removed
 
 
 def _int(node_config: Mapping[str, Any], key: str) -> int | None:

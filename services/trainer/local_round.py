@@ -78,12 +78,10 @@ from pilot.tokenizer import Tokenizer, load_tokenizer
 from pilot.train import model_config_for, optim_config_from, train_step
 from pilot.v1 import events_pb2 as ev
 from services.trainer.feeds import Feed, HeldUnit, make_feed
-from services.trainer.identity import TrainerIdentity, default_work_dir  # noqa: F401 (re-exported)
+from services.trainer.identity import INNER_STATE, RESIDUAL_FILE, TrainerIdentity, default_work_dir  # noqa: F401
 
 log = get_logger(__name__)
 
-INNER_STATE = "inner"  # work-dir checkpoint of the inner optimiser
-RESIDUAL_FILE = "residual.safetensors"
 NO_PLANNED_END = 10**12  # federated inner schedule: warmup, then constant
 
 
