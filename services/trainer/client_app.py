@@ -68,7 +68,22 @@ def _train_in_process(msg: Message, order: RoundOrder, who: TrainerIdentity, rec
 
     global_state = msg.content.array_records[WEIGHTS].to_torch_state_dict()
     result = train_round(order, global_state, who, received_at=received_at)
-    return update_records(result.encoded.to_arrays(), result.encoded.metadata()), result.report, {}
+    records, report = update_records(result.encoded.to_arrays(), result.encoded.metadata()), result.report
+    del global_state, result
+    _release_accelerator_memory()
+    return records, report, {}
+
+
+def _release_accelerator_memory() -> None:
+    """Hand the round's cached GPU memory back: in-process ClientApps live on (simulation's Ray workers),
+    and several simulated clients may share one GPU (fractional ``client-resources-num-gpus``)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _train_on_host(msg: Message, order: RoundOrder, who: TrainerIdentity, settings: HostSettings,
