@@ -167,7 +167,6 @@ def run_local(
         trainer_ids = [f"trainer-{i}" for i in range(trainers)]
         if cfg.fresh:
             reset_local_trainers(cfg.run_id, trainer_ids)
-        stack.callback(stop_trainer_hosts, cfg.run_id, trainer_ids)  # after the nodes
         federation = stack.enter_context(LocalFederation(
             APP_DIR, trainers, log_dir=log_dir,
             node_configs=[{"trainer-id": trainer_id, "partition-id": i, "num-partitions": trainers}
@@ -175,6 +174,8 @@ def run_local(
             env={"PILOT_REDIS_URL": redis_url, "PILOT_BASE_DIR": str(paths.base_dir())},
             node_env=[{"OMP_NUM_THREADS": str(threads_per_trainer)}] * trainers,
         ))
+        # before the nodes stop: a host stopped by the federation's final sweep would be killed as a stray
+        stack.callback(stop_trainer_hosts, cfg.run_id, trainer_ids)
         values = {**flower_values(cfg), "redis-url": redis_url, "out": str(run_dir)}
         flower_run = federation.submit(values, via="api")
         log.info("run submitted", flower_run=flower_run, run_dir=str(run_dir), trainers=trainers)
