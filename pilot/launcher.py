@@ -99,9 +99,10 @@ def _stop_process(process: subprocess.Popen, grace_s: float = 10.0) -> None:
 def stop_trainer_hosts(run_id: str, trainer_ids: list[str], grace_s: float = 5.0) -> list[int]:
     """Stop the trainer hosts (``services/trainer/host.py``) of this run's local trainers; their pids.
 
-    A host also exits by itself once the SuperNode that started it is gone (and the
-    federation's final sweep finds it by its inherited tag); this makes ``pilot run``
-    wait for them, so nothing of the run is left when it returns.
+    ``pilot run`` calls this before it stops the SuperNodes, so the hosts exit cleanly
+    and nothing of the run is left when it returns. (A host would also exit by itself
+    once its SuperNode is gone, and the federation's final sweep would kill one still
+    running, by its inherited tag, as a stray.)
     """
     from services.trainer.host_client import stop_host
     from services.trainer.identity import default_work_dir
